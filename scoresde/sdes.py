@@ -1,0 +1,468 @@
+"""Forward SDEs dx = f(t) x dt + g(t) dw and their reverses (Song et al., ICLR 2021).
+
+Every SDE here is linear in x, so its perturbation kernel is Gaussian in closed form:
+
+    p_0t(x_t | x_0) = N(x_t; alpha(t) x_0, sigma(t)^2 I).
+
+Shapes: data `x` is `[B, *D]` of any rank >= 2; time `t` is `[B]` (a float or a 0-d
+tensor is broadcast); per-sample coefficients come back as `[B]`. Device and dtype follow
+x. Forward time runs from data (t = 0) to noise (t = T = 1).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from scoresde._validation import (
+    as_tensor,
+    broadcast_time,
+    check_data,
+    check_positive,
+    check_positive_int,
+    check_shape,
+    expand_like,
+    resolve_device_dtype,
+)
+
+Tensor = torch.Tensor
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "CosineVPSDE", "ReverseSDE"]
+
+
+class SDE(abc.ABC):
+    """A linear forward SDE dx = f(t) x dt + g(t) dw on [0, T].
+
+    Subclasses define the scalar coefficients `drift_coef` f(t), `diffusion_coef` g(t),
+    and the kernel's `alpha(t)` (mean coefficient) and `sigma(t)` (std); everything else
+    (drift, kernel, reverse, log-SNR) is derived here once.
+    """
+
+    T: float = 1.0
+
+    def __init__(self, N: int) -> None:
+        self.N = check_positive_int("N", N)
+
+    # --- scalar schedule: each takes t of any shape and returns that shape ------------------
+    @abc.abstractmethod
+    def drift_coef(self, t: Tensor) -> Tensor:
+        """f(t) in the drift f(t) x."""
+
+    @abc.abstractmethod
+    def diffusion_coef(self, t: Tensor) -> Tensor:
+        """g(t), the diffusion coefficient."""
+
+    @abc.abstractmethod
+    def alpha(self, t: Any) -> Tensor:
+        """alpha(t) = exp(int_0^t f(s) ds), the mean coefficient of p_0t."""
+
+    @abc.abstractmethod
+    def sigma(self, t: Any) -> Tensor:
+        """sigma(t), the standard deviation of p_0t."""
+
+    @property
+    @abc.abstractmethod
+    def prior_std(self) -> float:
+        """Standard deviation of the prior N(0, prior_std^2 I) at t = T."""
+
+    def log_snr(self, t: Any) -> Tensor:
+        """lambda(t) = log(alpha(t)^2 / sigma(t)^2), decreasing in t."""
+        t = as_tensor(t)
+        return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
+
+    @abc.abstractmethod
+    def t_from_log_snr(self, lam: Any) -> Tensor:
+        """The inverse of `log_snr`: the t with log_snr(t) = lam."""
+
+    # --- the API of Song et al.'s sde_lib, shape-agnostic -----------------------------------
+    def sde(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
+        """(drift f(t) x shaped like x, diffusion g(t) `[B]`)."""
+        check_data("x", x)
+        t = broadcast_time(t, x)
+        return expand_like(self.drift_coef(t), x) * x, self.diffusion_coef(t)
+
+    def marginal_prob(self, x0: Tensor, t: Any) -> tuple[Tensor, Tensor]:
+        """(mean alpha(t) x0 shaped like x0, std sigma(t) `[B]`) of p_0t(x_t | x_0)."""
+        check_data("x0", x0)
+        t = broadcast_time(t, x0)
+        return expand_like(self.alpha(t), x0) * x0, self.sigma(t)
+
+    def prior_sampling(
+        self,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """A `shape` sample of the prior N(0, prior_std^2 I)."""
+        shape = check_shape(shape)
+        device, dtype = resolve_device_dtype(generator, device, dtype)
+        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return z * self.prior_std
+
+    def prior_logp(self, z: Tensor) -> Tensor:
+        """log N(z; 0, prior_std^2 I) summed over all but the batch dim: `[B]`."""
+        check_data("z", z)
+        dim = z[0].numel()
+        s = self.prior_std
+        sq = z.reshape(z.shape[0], -1).pow(2).sum(dim=1)
+        return -0.5 * dim * math.log(2 * math.pi * s * s) - sq / (2 * s * s)
+
+    def discretize(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
+        """One forward step x_{i+1} = x_i + f + G z; Euler–Maruyama with dt = T/N.
+
+        Returns (f shaped like x, G `[B]`).
+        """
+        dt = self.T / self.N
+        drift, diffusion = self.sde(x, t)
+        return drift * dt, diffusion * math.sqrt(dt)
+
+    def _index(self, t: Tensor) -> Tensor:
+        """Discrete step index i = floor(t (N - 1) / T), clamped to [0, N - 1]."""
+        return (t * (self.N - 1) / self.T).long().clamp(0, self.N - 1)
+
+    def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
+        """The reverse-time SDE (or probability-flow ODE) driven by `score_fn`."""
+        return ReverseSDE(self, score_fn, probability_flow)
+
+    def _kernel_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._kernel_repr()}N={self.N})"
+
+
+class ReverseSDE:
+    """dx = [f - g^2 score] dt + g dw_bar, or with `probability_flow` the ODE
+    dx = [f - g^2 score / 2] dt, integrated from t = T down to 0.
+    """
+
+    def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False) -> None:
+        if not callable(score_fn):
+            raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
+        self.forward_sde = sde
+        self.score_fn = score_fn
+        self.probability_flow = bool(probability_flow)
+        self.N = sde.N
+        self.T = sde.T
+
+    def sde(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
+        """(reverse drift shaped like x, diffusion `[B]`; zero for the ODE)."""
+        t = broadcast_time(t, x)
+        drift, diffusion = self.forward_sde.sde(x, t)
+        score = self.score_fn(x, t)
+        weight = 0.5 if self.probability_flow else 1.0
+        drift = drift - expand_like(diffusion**2, x) * score * weight
+        if self.probability_flow:
+            diffusion = torch.zeros_like(diffusion)
+        return drift, diffusion
+
+    def discretize(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
+        """One reverse step of the forward discretization: (f - G^2 score [/2], G or 0)."""
+        t = broadcast_time(t, x)
+        f, G = self.forward_sde.discretize(x, t)
+        score = self.score_fn(x, t)
+        weight = 0.5 if self.probability_flow else 1.0
+        rev_f = f - expand_like(G**2, x) * score * weight
+        rev_G = torch.zeros_like(G) if self.probability_flow else G
+        return rev_f, rev_G
+
+
+class _VPFamily(SDE):
+    """Shared pieces of the SDEs with drift -beta(t) x / 2 (VP, sub-VP, cosine VP)."""
+
+    @abc.abstractmethod
+    def beta(self, t: Tensor) -> Tensor:
+        """beta(t), the instantaneous noise rate."""
+
+    @abc.abstractmethod
+    def log_mean_coeff(self, t: Any) -> Tensor:
+        """c(t) = log alpha(t) = -int_0^t beta(s) ds / 2."""
+
+    def drift_coef(self, t: Tensor) -> Tensor:
+        """f(t) = -beta(t) / 2."""
+        return -0.5 * self.beta(t)
+
+    def alpha(self, t: Any) -> Tensor:
+        """alpha(t) = exp(c(t))."""
+        return torch.exp(self.log_mean_coeff(as_tensor(t)))
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+    def t_from_log_mean_coeff(self, c: Tensor) -> Tensor:
+        """The inverse of c(t) (c <= 0 decreasing in t)."""
+        raise NotImplementedError
+
+
+class VPSDE(_VPFamily):
+    """Variance preserving SDE, DDPM in continuous time: dx = -beta(t) x/2 dt + sqrt(beta(t)) dw,
+    beta(t) = beta_min + t (beta_max - beta_min).
+
+    The defaults discretize to DDPM's linear schedule 1e-4 .. 0.02 over N = 1000 steps.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000) -> None:
+        super().__init__(N)
+        self.beta_0 = check_positive("beta_min", beta_min, allow_zero=True)
+        self.beta_1 = check_positive("beta_max", beta_max)
+        if self.beta_1 < self.beta_0:
+            raise ValueError(
+                f"beta_max must be >= beta_min, got beta_min={beta_min!r}, beta_max={beta_max!r}"
+            )
+        # DDPM's discrete chain, float64 on the CPU; moved/cast where used.
+        self.discrete_betas = torch.linspace(
+            self.beta_0 / N, self.beta_1 / N, N, dtype=torch.float64
+        )
+        self.alphas = 1.0 - self.discrete_betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+
+    def beta(self, t: Tensor) -> Tensor:
+        """beta(t) = beta_min + t (beta_max - beta_min)."""
+        return self.beta_0 + t * (self.beta_1 - self.beta_0)
+
+    def diffusion_coef(self, t: Tensor) -> Tensor:
+        """g(t) = sqrt(beta(t))."""
+        return torch.sqrt(self.beta(t))
+
+    def log_mean_coeff(self, t: Any) -> Tensor:
+        """c(t) = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2."""
+        t = as_tensor(t)
+        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+    def sigma(self, t: Any) -> Tensor:
+        """sigma(t) = sqrt(1 - exp(2 c(t)))."""
+        return torch.sqrt(-torch.expm1(2 * self.log_mean_coeff(t)))
+
+    def log_snr(self, t: Any) -> Tensor:
+        """lambda(t) = 2 c - log(1 - exp(2 c))."""
+        c2 = 2 * self.log_mean_coeff(t)
+        return c2 - torch.log(-torch.expm1(c2))
+
+    def t_from_log_mean_coeff(self, c: Tensor) -> Tensor:
+        """Solve (beta_max - beta_min) t^2 / 4 + beta_min t / 2 + c = 0 for t >= 0."""
+        a = 0.25 * (self.beta_1 - self.beta_0)
+        b = 0.5 * self.beta_0
+        # -2c / (b + sqrt(b^2 - 4 a c)) is the root without cancellation (and works for a = 0).
+        return -2 * c / (b + torch.sqrt(b * b - 4 * a * c))
+
+    def t_from_log_snr(self, lam: Any) -> Tensor:
+        """alpha^2 = sigmoid(lambda), so c = -softplus(-lambda) / 2."""
+        lam = as_tensor(lam)
+        return self.t_from_log_mean_coeff(-0.5 * F.softplus(-lam))
+
+    def discretize(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
+        """DDPM's transition: f = sqrt(1 - beta_i) x - x, G = sqrt(beta_i), i = floor(t (N-1)/T)."""
+        check_data("x", x)
+        t = broadcast_time(t, x)
+        i = self._index(t)
+        beta = self.discrete_betas.to(device=x.device, dtype=x.dtype)[i]
+        f = expand_like(torch.sqrt(1.0 - beta), x) * x - x
+        return f, torch.sqrt(beta)
+
+    def _kernel_repr(self) -> str:
+        return f"beta_min={self.beta_0}, beta_max={self.beta_1}, "
+
+
+class SubVPSDE(VPSDE):
+    """sub-VP SDE: dx = -beta x/2 dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw.
+
+    Same mean as VP, std 1 - exp(2 c(t)) <= the VP std (Song et al. 2021, eq. 11).
+    """
+
+    def diffusion_coef(self, t: Tensor) -> Tensor:
+        """g(t) = sqrt(beta(t) (1 - exp(4 c(t))))."""
+        return torch.sqrt(self.beta(t) * -torch.expm1(4 * self.log_mean_coeff(t)))
+
+    def sigma(self, t: Any) -> Tensor:
+        """sigma(t) = 1 - exp(2 c(t))."""
+        return -torch.expm1(2 * self.log_mean_coeff(t))
+
+    def log_snr(self, t: Any) -> Tensor:
+        """lambda(t) = 2 c - 2 log(1 - exp(2 c))."""
+        c2 = 2 * self.log_mean_coeff(t)
+        return c2 - 2 * torch.log(-torch.expm1(c2))
+
+    def t_from_log_snr(self, lam: Any) -> Tensor:
+        """alpha / sigma = r = exp(lambda/2) with alpha = u: r u^2 + u - r = 0.
+
+        u = 2r / (1 + sqrt(1 + 4 r^2)); log u written as -log1p(...) to stay accurate as u -> 1.
+        """
+        lam = as_tensor(lam)
+        r = torch.exp(0.5 * lam)
+        root = torch.sqrt(1 + 4 * r * r)
+        c = -torch.log1p((1 + 1 / (root + 2 * r)) / (2 * r))
+        return self.t_from_log_mean_coeff(c)
+
+    def discretize(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
+        """Euler–Maruyama (the reference implementation has no special chain for sub-VP)."""
+        return SDE.discretize(self, x, t)
+
+
+class VESDE(SDE):
+    """Variance exploding SDE, SMLD/NCSN in continuous time: dx = sqrt(d sigma(t)^2/dt) dw,
+    sigma(t) = sigma_min (sigma_max / sigma_min)^t.
+    """
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000) -> None:
+        super().__init__(N)
+        self.sigma_min = check_positive("sigma_min", sigma_min)
+        self.sigma_max = check_positive("sigma_max", sigma_max)
+        if self.sigma_max <= self.sigma_min:
+            raise ValueError(
+                f"sigma_max must be > sigma_min, got sigma_min={sigma_min!r}, "
+                f"sigma_max={sigma_max!r}"
+            )
+        self._log_ratio = math.log(self.sigma_max / self.sigma_min)
+        # SMLD's noise levels: geometric from sigma_min to sigma_max in N points.
+        self.discrete_sigmas = torch.exp(
+            torch.linspace(
+                math.log(self.sigma_min), math.log(self.sigma_max), N, dtype=torch.float64
+            )
+        )
+
+    def drift_coef(self, t: Tensor) -> Tensor:
+        """f(t) = 0."""
+        return torch.zeros_like(t)
+
+    def diffusion_coef(self, t: Tensor) -> Tensor:
+        """g(t) = sigma(t) sqrt(2 log(sigma_max / sigma_min))."""
+        return self.sigma(t) * math.sqrt(2 * self._log_ratio)
+
+    def alpha(self, t: Any) -> Tensor:
+        """alpha(t) = 1."""
+        return torch.ones_like(as_tensor(t))
+
+    def sigma(self, t: Any) -> Tensor:
+        """sigma(t) = sigma_min (sigma_max / sigma_min)^t."""
+        return self.sigma_min * torch.exp(as_tensor(t) * self._log_ratio)
+
+    @property
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+    def log_snr(self, t: Any) -> Tensor:
+        """lambda(t) = -2 log sigma(t)."""
+        return -2 * (math.log(self.sigma_min) + as_tensor(t) * self._log_ratio)
+
+    def t_from_log_snr(self, lam: Any) -> Tensor:
+        """t = (log sigma - log sigma_min) / log(sigma_max / sigma_min), sigma = exp(-lambda/2)."""
+        return (-0.5 * as_tensor(lam) - math.log(self.sigma_min)) / self._log_ratio
+
+    def discretize(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
+        """SMLD's chain: f = 0, G = sqrt(sigma_i^2 - sigma_{i-1}^2), sigma_{-1} = 0."""
+        check_data("x", x)
+        t = broadcast_time(t, x)
+        i = self._index(t)
+        sigmas = self.discrete_sigmas.to(device=x.device, dtype=x.dtype)
+        sigma = sigmas[i]
+        previous = torch.where(i == 0, torch.zeros_like(sigma), sigmas[(i - 1).clamp(min=0)])
+        return torch.zeros_like(x), torch.sqrt(sigma**2 - previous**2)
+
+    def _kernel_repr(self) -> str:
+        return f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
+
+
+class CosineVPSDE(_VPFamily):
+    """VP SDE with Nichol & Dhariwal's (2021) cosine schedule, in continuous time.
+
+    alpha(t)^2 = cos^2(theta(t)) / cos^2(theta(0)), theta(t) = (t t_max / T + s) / (1 + s) pi/2,
+    beta(t) = -d log alpha^2 / dt = pi t_max tan(theta(t)) / ((1 + s) T).
+
+    The cosine schedule's beta diverges at the end of its time range; `t_max` < 1 stops it
+    short of that (like DPM-Solver's T = 0.9946) and rescales it to [0, T], so beta, alpha
+    and sigma stay exactly consistent: alpha(T)^2 is about 7e-5 and beta(T) about 370.
+    """
+
+    def __init__(self, N: int = 1000, s: float = 0.008, t_max: float = 0.9946) -> None:
+        super().__init__(N)
+        self.s = check_positive("s", s)
+        self.t_max = check_positive("t_max", t_max)
+        if self.t_max >= 1.0:
+            raise ValueError(f"t_max must be in (0, 1) so beta(T) stays finite, got {t_max!r}")
+        self._theta0 = self.s / (1 + self.s) * math.pi / 2
+        self._dtheta_dt = self.t_max / ((1 + self.s) * self.T) * math.pi / 2
+        self._tan_theta0 = math.tan(self._theta0)
+        self._log_sin_phi0 = math.log(math.sin(math.pi / 2 - self._theta0))
+        # Improved DDPM's discrete chain on the same schedule (betas clipped at 0.999).
+        grid = torch.linspace(0, self.T, N + 1, dtype=torch.float64)
+        abar = torch.exp(2 * self.log_mean_coeff(grid))
+        self.discrete_betas = (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+        self.alphas = 1.0 - self.discrete_betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+
+    def _theta(self, t: Tensor) -> Tensor:
+        return self._theta0 + t * self._dtheta_dt
+
+    def beta(self, t: Tensor) -> Tensor:
+        """beta(t) = 2 tan(theta(t)) d theta/dt."""
+        return 2 * torch.tan(self._theta(t)) * self._dtheta_dt
+
+    def diffusion_coef(self, t: Tensor) -> Tensor:
+        """g(t) = sqrt(beta(t))."""
+        return torch.sqrt(self.beta(t))
+
+    def log_mean_coeff(self, t: Any) -> Tensor:
+        """c(t) = log cos(theta(t)) - log cos(theta(0)), evaluated without cancellation.
+
+        With delta = theta(t) - theta(0): near t = 0, c = log1p(-2 sin^2(delta/2) -
+        tan(theta0) sin(delta)) (log cos(theta) - log cos(theta0) would lose every digit of
+        a tiny c, e.g. a float32 sigma(1e-6) off by a factor of 100); near T,
+        cos(theta) = sin(phi) with phi = pi/2 - theta = ((1 - u) + u (1 - t_max)) pi / (2 (1 + s)),
+        u = t / T, which keeps the small phi accurate.
+        """
+        t = as_tensor(t)
+        delta = t * self._dtheta_dt
+        near_zero = torch.log1p(
+            -2 * torch.sin(0.5 * delta) ** 2 - self._tan_theta0 * torch.sin(delta)
+        )
+        u = t / self.T
+        phi = ((1 - u) + u * (1 - self.t_max)) * (math.pi / (2 * (1 + self.s)))
+        near_end = torch.log(torch.sin(phi)) - self._log_sin_phi0
+        return torch.where(u < 0.5, near_zero, near_end)
+
+    def sigma(self, t: Any) -> Tensor:
+        """sigma(t) = sqrt(1 - alpha(t)^2)."""
+        return torch.sqrt(-torch.expm1(2 * self.log_mean_coeff(t)))
+
+    def log_snr(self, t: Any) -> Tensor:
+        """lambda(t) = 2 c - log(1 - exp(2 c))."""
+        c2 = 2 * self.log_mean_coeff(t)
+        return c2 - torch.log(-torch.expm1(c2))
+
+    def _t_from_alpha(self, alpha: Tensor, sigma2: Tensor) -> Tensor:
+        """t from alpha = cos(theta)/cos(theta0) and sigma^2 = 1 - alpha^2, both given so that
+        neither is computed by cancellation.
+
+        theta - theta0 = atan2(sin(theta - theta0), cos(theta - theta0)) with
+        sin(theta) = sqrt(sin^2 theta0 + cos^2 theta0 sigma^2) and
+        sin(theta - theta0) = cos(theta0) sigma^2 / (sin(theta) + alpha sin(theta0)), which is
+        accurate for tiny t where arccos(cos(theta0) alpha) is not.
+        """
+        cos0, sin0 = math.cos(self._theta0), math.sin(self._theta0)
+        sin_theta = torch.sqrt(sin0 * sin0 + cos0 * cos0 * sigma2)
+        cos_theta = cos0 * alpha
+        sin_diff = cos0 * sigma2 / (sin_theta + alpha * sin0)
+        cos_diff = cos_theta * cos0 + sin_theta * sin0
+        return torch.atan2(sin_diff, cos_diff) / self._dtheta_dt
+
+    def t_from_log_mean_coeff(self, c: Tensor) -> Tensor:
+        """The t with log alpha(t) = c: theta = arccos(cos(theta0) exp(c)), computed stably."""
+        c = as_tensor(c)
+        return self._t_from_alpha(torch.exp(c), -torch.expm1(2 * c))
+
+    def t_from_log_snr(self, lam: Any) -> Tensor:
+        """alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda)."""
+        lam = as_tensor(lam)
+        return self._t_from_alpha(torch.sqrt(torch.sigmoid(lam)), torch.sigmoid(-lam))
+
+    def _kernel_repr(self) -> str:
+        return f"s={self.s}, t_max={self.t_max}, "
