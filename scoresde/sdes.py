@@ -124,6 +124,21 @@ class SDE(abc.ABC):
         drift, diffusion = self.sde(x, t)
         return drift * dt, diffusion * math.sqrt(dt)
 
+    def _table(self, name: str, like: Tensor) -> Tensor:
+        """The float64 table attribute `name` (e.g. `discrete_betas`) on like's device and dtype.
+
+        Cached per (device, dtype) so a sampling loop does not copy (or, on a GPU, upload) the
+        table at every step; a reassigned attribute is picked up.
+        """
+        table = getattr(self, name)
+        cache = self.__dict__.setdefault("_table_cache", {})
+        key = (name, like.device, like.dtype)
+        hit = cache.get(key)
+        if hit is None or hit[0] is not table:
+            hit = (table, table.to(device=like.device, dtype=like.dtype))
+            cache[key] = hit
+        return hit[1]
+
     def _index(self, t: Tensor) -> Tensor:
         """Discrete step index i = floor(t (N - 1) / T), clamped to [0, N - 1]."""
         return (t * (self.N - 1) / self.T).long().clamp(0, self.N - 1)
@@ -251,8 +266,11 @@ class VPSDE(_VPFamily):
         """Solve (beta_max - beta_min) t^2 / 4 + beta_min t / 2 + c = 0 for t >= 0."""
         a = 0.25 * (self.beta_1 - self.beta_0)
         b = 0.5 * self.beta_0
-        # -2c / (b + sqrt(b^2 - 4 a c)) is the root without cancellation (and works for a = 0).
-        return -2 * c / (b + torch.sqrt(b * b - 4 * a * c))
+        # -2c / (b + sqrt(b^2 - 4 a c)) is the root without cancellation (and works for a = 0);
+        # c = 0 is t = 0 also when beta_min = 0, where the formula is 0/0.
+        c = as_tensor(c)
+        t = -2 * c / (b + torch.sqrt(b * b - 4 * a * c))
+        return torch.where(c == 0, torch.zeros_like(t), t)
 
     def t_from_log_snr(self, lam: Any) -> Tensor:
         """alpha^2 = sigmoid(lambda), so c = -softplus(-lambda) / 2."""
@@ -264,7 +282,7 @@ class VPSDE(_VPFamily):
         check_data("x", x)
         t = broadcast_time(t, x)
         i = self._index(t)
-        beta = self.discrete_betas.to(device=x.device, dtype=x.dtype)[i]
+        beta = self._table("discrete_betas", x)[i]
         f = expand_like(torch.sqrt(1.0 - beta), x) * x - x
         return f, torch.sqrt(beta)
 
@@ -362,7 +380,7 @@ class VESDE(SDE):
         check_data("x", x)
         t = broadcast_time(t, x)
         i = self._index(t)
-        sigmas = self.discrete_sigmas.to(device=x.device, dtype=x.dtype)
+        sigmas = self._table("discrete_sigmas", x)
         sigma = sigmas[i]
         previous = torch.where(i == 0, torch.zeros_like(sigma), sigmas[(i - 1).clamp(min=0)])
         return torch.zeros_like(x), torch.sqrt(sigma**2 - previous**2)

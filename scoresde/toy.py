@@ -349,7 +349,10 @@ def make_dataset(
         raise ValueError(f"name must be one of {sorted(DATASETS)}, got {name!r}")
     n = check_positive_int("n", n)
     device, dtype = resolve_device_dtype(generator, device, dtype)
-    cpu_gen = generator if generator is None or generator.device.type == "cpu" else None
-    if generator is not None and cpu_gen is None:
-        cpu_gen = torch.Generator().manual_seed(int(generator.initial_seed()))
+    cpu_gen = generator
+    if generator is not None and generator.device.type != "cpu":
+        # The sets are drawn on the CPU; one draw from the accelerator's generator seeds a
+        # CPU one, so successive calls with the same generator still differ.
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+        cpu_gen = torch.Generator().manual_seed(int(seed))
     return DATASETS[name](n, cpu_gen).to(device=device, dtype=dtype)

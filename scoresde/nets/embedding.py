@@ -58,3 +58,20 @@ def make_time_embedding(kind: str, dim: int) -> nn.Module:
     """`"fourier"` or `"sinusoidal"`."""
     check_choice("time_embedding", kind, ("fourier", "sinusoidal"))
     return FourierTimeEmbedding(dim) if kind == "fourier" else SinusoidalTimeEmbedding(dim)
+
+
+def add_label_embedding(
+    emb: Tensor, y: Tensor | None, label_embed: nn.Embedding | None, num_classes: int | None
+) -> Tensor:
+    """Add a class embedding to the time embedding `emb` `[B, E]`.
+
+    Label `num_classes` (or y=None) is the unconditional "null" class that classifier-free
+    guidance trains with label dropout; a network without classes refuses labels.
+    """
+    if num_classes is None or label_embed is None:
+        if y is not None:
+            raise ValueError("y was given but the network has num_classes=None")
+        return emb
+    if y is None:
+        y = torch.full((emb.shape[0],), num_classes, device=emb.device, dtype=torch.long)
+    return emb + label_embed(y)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from scoresde._validation import broadcast_time, check_positive_int
-from scoresde.nets.embedding import make_time_embedding
+from scoresde.nets.embedding import add_label_embedding, make_time_embedding
 
 Tensor = torch.Tensor
 
@@ -48,6 +48,8 @@ class MLPScoreNet(nn.Module):
         hidden = check_positive_int("hidden", hidden)
         num_blocks = check_positive_int("num_blocks", num_blocks)
         embed_dim = check_positive_int("embed_dim", embed_dim, minimum=2)
+        if embed_dim % 2:
+            raise ValueError(f"embed_dim must be even (sin/cos pairs), got {embed_dim!r}")
         self.num_classes = (
             None if num_classes is None else check_positive_int("num_classes", num_classes)
         )
@@ -74,12 +76,7 @@ class MLPScoreNet(nn.Module):
             )
         t = broadcast_time(t, flat)
         emb = self.time_embed(t)
-        if self.num_classes is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
-            emb = emb + self.label_embed(y)
-        elif y is not None:
-            raise ValueError("y was given but the network has num_classes=None")
+        emb = add_label_embedding(emb, y, getattr(self, "label_embed", None), self.num_classes)
         h = self.inp(flat)
         for block in self.blocks:
             h = block(h, emb)

@@ -6,7 +6,23 @@ progress=False, callback=None, batch_invariant=False)`; after a run, `sampler.nf
 number of score evaluations it made.
 """
 
+from scoresde.samplers.adaptive import AdaptiveSDESampler
 from scoresde.samplers.base import NonFiniteError, Sampler, SamplingContext
+from scoresde.samplers.ddim import DDIMSampler
+from scoresde.samplers.dpm_solver import DPMSolverSampler
+from scoresde.samplers.edm import EDMSampler
 from scoresde.samplers.grids import GRIDS, time_grid
+from scoresde.samplers.ode import ODESampler
+from scoresde.samplers.pc import (
+    Corrector,
+    EulerMaruyamaSampler,
+    PCContext,
+    PCSampler,
+    Predictor,
+)
+from scoresde.samplers.schedules import optimize_time_grid
 
 __all__ = ["Sampler", "SamplingContext", "NonFiniteError", "time_grid", "GRIDS"]
+__all__ += ["DDIMSampler", "DPMSolverSampler", "EDMSampler", "AdaptiveSDESampler"]
+__all__ += ["PCSampler", "EulerMaruyamaSampler", "ODESampler", "Predictor", "Corrector"]
+__all__ += ["PCContext", "optimize_time_grid"]

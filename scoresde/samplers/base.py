@@ -166,9 +166,13 @@ class NonFiniteGuard:
                 self._raise(step, t)
 
     @staticmethod
-    def _raise(step: int, t: float) -> None:
+    def _raise(step: int, t: Any) -> None:
+        if torch.is_tensor(t) and t.numel() > 1:  # per-sample times (adaptive samplers)
+            when = f"t in [{float(t.min()):.6g}, {float(t.max()):.6g}]"
+        else:
+            when = f"t = {float(t):.6g}"
         raise NonFiniteError(
-            f"non-finite values (NaN/Inf) in the trajectory after step {step} (t = {t:.6g}); "
+            f"non-finite values (NaN/Inf) in the trajectory after step {step} ({when}); "
             "check the score function, the step count or the time grid"
         )
 

@@ -1,0 +1,169 @@
+"""Benchmark targets (Gaussian mixtures with exact scores) and the tight reference solve.
+
+A target is a data distribution with a closed-form p_t under every linear SDE, so a sampler
+driven by its exact score makes only its own errors. The reference for "ode_err" is the
+probability-flow ODE solved in float64 with dopri5 at rtol = atol = 1e-10 from the same x_T.
+
+The probability-flow field here uses the analytic continuation of the schedule just past the
+ends of [0, T] (sigma(t)^2 = -expm1(2 c(t)) and g(t)^2 = beta(t) rather than their square
+roots): adaptive Runge-Kutta solvers (torchdiffeq's dopri5) evaluate their last step beyond
+the end time and interpolate back, and sqrt(beta(t)) is NaN for t < 0 with VP's schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from scoresde.sdes import SDE, VESDE, VPSDE, SubVPSDE
+from scoresde.toy import GaussianMixture, benchmark_mixture_2d, eight_gaussians, random_mixture
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "Target",
+    "TARGETS",
+    "anisotropic_mixture_2d",
+    "make_sde",
+    "pf_ode_field",
+    "exact_score",
+    "reference_solve",
+]
+
+
+def anisotropic_mixture_2d() -> GaussianMixture:
+    """Two thin, rotated, unequal Gaussians (variance ratio 400:1): a stiff 2-D target."""
+    angle = torch.tensor([math.pi / 6, -math.pi / 3], dtype=torch.float64)
+    c, s = angle.cos(), angle.sin()
+    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # [2, 2, 2]
+    lam = torch.tensor([[1.0, 0.0025], [0.5, 0.005]], dtype=torch.float64)
+    covs = rot @ torch.diag_embed(lam) @ rot.transpose(-1, -2)
+    return GaussianMixture([0.7, 0.3], [[-1.0, 0.5], [1.2, -0.8]], 0.5 * (covs + covs.mT))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A named benchmark distribution: `factory()` builds the GaussianMixture."""
+
+    name: str
+    factory: Callable[[], GaussianMixture]
+    dim: int
+    description: str = ""
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def mixture(self) -> GaussianMixture:
+        if "mixture" not in self._cache:
+            self._cache["mixture"] = self.factory()
+        return self._cache["mixture"]
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("mixture2d", benchmark_mixture_2d, 2, "PEERS.md's 3-component 2-D mixture"),
+        Target("ring2d", eight_gaussians, 2, "8 Gaussians on a circle of radius 2, std 0.1"),
+        Target("aniso2d", anisotropic_mixture_2d, 2, "2 thin rotated Gaussians (400:1)"),
+        Target("mix16d", lambda: random_mixture(16), 16, "random 4-component mixture, 16-D"),
+        Target("mix64d", lambda: random_mixture(64), 64, "random 4-component mixture, 64-D"),
+    )
+}
+
+
+def make_sde(kind: str) -> SDE:
+    """The benchmark SDEs: "vp" is DDPM's linear schedule 1e-4..0.02 over 1000 steps
+    (beta_min = 0.1, beta_max = 20); "subvp" the same betas; "ve" sigma 0.01..50."""
+    sdes = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+    if kind not in sdes:
+        raise ValueError(f"sde kind must be one of {tuple(sdes)}, got {kind!r}")
+    return sdes[kind]()
+
+
+def _schedule_sq(sde: SDE, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(f(t), g(t)^2, alpha(t), sigma(t)^2), analytic in t slightly outside [0, T]."""
+    if isinstance(sde, VPSDE):  # also SubVPSDE
+        c = sde.log_mean_coeff(t)
+        beta = sde.beta(t)
+        one_minus = -torch.expm1(2 * c)
+        if isinstance(sde, SubVPSDE):
+            return -0.5 * beta, beta * -torch.expm1(4 * c), torch.exp(c), one_minus**2
+        return -0.5 * beta, beta, torch.exp(c), one_minus
+    if isinstance(sde, VESDE):
+        sigma = sde.sigma(t)
+        return torch.zeros_like(t), 2 * sde._log_ratio * sigma**2, torch.ones_like(t), sigma**2
+    f, g = sde.drift_coef(t), sde.diffusion_coef(t)
+    return f, g**2, sde.alpha(t), sde.sigma(t) ** 2
+
+
+class _MixtureTables:
+    """Eigen-decomposed mixture parameters on one device/dtype (computed once)."""
+
+    def __init__(self, mixture: GaussianMixture, like: Tensor) -> None:
+        lam, U = torch.linalg.eigh(mixture.covs)
+        kw = dict(device=like.device, dtype=like.dtype)
+        self.log_w = mixture.weights.log().to(**kw)
+        self.mu = mixture.means.to(**kw)
+        self.lam = lam.to(**kw)
+        self.U = U.to(**kw)
+
+
+def exact_score(
+    mixture: GaussianMixture, x: Tensor, alpha: Tensor, noise_var: Tensor, tables=None
+) -> Tensor:
+    """Score of sum_k w_k N(alpha mu_k, alpha^2 Sigma_k + noise_var I) at x `[B, D]`.
+
+    alpha and noise_var are scalars (0-d tensors); noise_var may be slightly negative (the
+    analytic continuation past t = 0) as long as every component variance stays positive.
+    """
+    tb = tables if tables is not None else _MixtureTables(mixture, x)
+    var = alpha**2 * tb.lam + noise_var  # [K, D] in each component's eigenbasis
+    y = torch.einsum("kdj,bkd->bkj", tb.U, x[:, None, :] - alpha * tb.mu[None])
+    log_comp = -0.5 * ((y**2 / var).sum(-1) + var.log().sum(-1))
+    resp = torch.softmax(tb.log_w + log_comp, dim=1)
+    return -torch.einsum("kdj,bkj->bd", tb.U, resp[:, :, None] * y / var)
+
+
+def pf_ode_field(sde: SDE, mixture: GaussianMixture) -> Callable[[Tensor, Tensor], Tensor]:
+    """The exact probability-flow field dx/dt = f(t) x - g(t)^2 score_t(x) / 2 for
+    torchdiffeq: `field(t 0-d, x [B, D]) -> [B, D]`."""
+    tables: dict = {}
+
+    def field_fn(t: Tensor, x: Tensor) -> Tensor:
+        key = (x.device, x.dtype)
+        if key not in tables:
+            tables[key] = _MixtureTables(mixture, x)
+        f, g2, alpha, var = _schedule_sq(sde, t.to(x.dtype))
+        return f * x - 0.5 * g2 * exact_score(mixture, x, alpha, var, tables[key])
+
+    return field_fn
+
+
+def reference_solve(
+    sde: SDE,
+    mixture: GaussianMixture,
+    x_T: Tensor,
+    t_start: float,
+    t_end: float,
+    *,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+    chunk: int = 20000,
+) -> Tensor:
+    """The tight probability-flow solve x(t_end) from x(t_start) = x_T `[B, D]`.
+
+    float64 dopri5 (torchdiffeq) at rtol = atol = 1e-10; solved in chunks of `chunk` samples
+    (the step size is shared within a chunk, which at this tolerance changes nothing).
+    Returns float64 `[B, D]` on x_T's device.
+    """
+    from torchdiffeq import odeint
+
+    x64 = x_T.to(torch.float64)
+    ts = torch.tensor([t_start, t_end], dtype=torch.float64, device=x64.device)
+    field_fn = pf_ode_field(sde, mixture)
+    parts = [
+        odeint(field_fn, part, ts, rtol=rtol, atol=atol, method="dopri5")[-1]
+        for part in x64.split(chunk)
+    ]
+    return torch.cat(parts)

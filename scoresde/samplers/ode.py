@@ -1,0 +1,214 @@
+"""Sampling (and encoding) with the probability-flow ODE (Song et al. 2021, eq. 13):
+
+    dx/dt = f(t) x - g(t)^2 s(x, t) / 2,
+
+integrated from t = T down to eps (`sample`) or from eps up to T (`encode`). Its solution
+has the same marginals p_t as the SDE, so a prior draw at T becomes a data sample at eps
+and `encode` maps data to its latent deterministically (sample(x_init=encode(x)) == x up
+to the solver's error).
+
+Fixed-step methods on a time grid t_0 > ... > t_n (h_k = t_{k+1} - t_k < 0):
+
+- "euler":    x + h d(x, t)                                   1 NFE/step, order 1
+- "midpoint": x + h d(x + h/2 d(x, t), t + h/2)               2 NFE/step, order 2
+- "heun":     x + h/2 [d(x, t) + d(x + h d(x, t), t + h)]     2 NFE/step, order 2
+- "rk4":      classical Runge–Kutta                           4 NFE/step, order 4
+
+Every step is a full step of its method, the last one included (the grid stops at eps > 0,
+where the drift is finite). Adaptive methods ("dopri5", "dopri8", "bosh3", "fehlberg2",
+"adaptive_heun") run torchdiffeq's `odeint` with rtol/atol; the error norm is the largest
+per-sample RMS error, so every sample (not only the batch on average) meets the tolerance.
+The step sizes are still shared by the batch, so adaptive results depend (within the
+tolerance) on the other samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from scoresde._validation import check_data, check_positive, expand_like
+from scoresde.samplers._schedule import check_bool, check_grid, make_grid
+from scoresde.samplers.base import (
+    CountedScore,
+    GeneratorNoise,
+    NonFiniteGuard,
+    Sampler,
+    SamplingContext,
+)
+from scoresde.sdes import SDE
+
+Tensor = torch.Tensor
+
+__all__ = ["ODESampler", "FIXED_METHODS", "ADAPTIVE_METHODS"]
+
+FIXED_METHODS = ("euler", "midpoint", "heun", "rk4")
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def per_sample_max_rms(v: Tensor) -> Tensor:
+    """max over the batch of the per-sample RMS of v `[B, *D]` (an error norm for odeint)."""
+    if v.ndim < 2:
+        return v.pow(2).mean().sqrt()
+    return v.reshape(v.shape[0], -1).pow(2).mean(dim=1).sqrt().max()
+
+
+class _FixedSteps:
+    """Per-step coefficients of the drift d(x, t) = f(t) x - c(t) s(x, t), c = g^2 / 2, at
+    the start, midpoint and end of every step of a grid, as Python floats."""
+
+    def __init__(self, sde: SDE, grid: Tensor) -> None:
+        g = grid.detach().to(device="cpu", dtype=torch.float64)
+        t0, t1 = g[:-1], g[1:]
+        tm = 0.5 * (t0 + t1)
+        self.t0, self.tm, self.t1 = t0.tolist(), tm.tolist(), t1.tolist()
+        self.h = (t1 - t0).tolist()
+        self.f0, self.fm, self.f1 = (sde.drift_coef(t).tolist() for t in (t0, tm, t1))
+        self.c0, self.cm, self.c1 = (
+            (0.5 * sde.diffusion_coef(t) ** 2).tolist() for t in (t0, tm, t1)
+        )
+
+
+def _drift(ctx: SamplingContext, x: Tensor, t: float, f: float, c: float) -> Tensor:
+    """d(x, t) = f x - c s(x, t) (one NFE)."""
+    return torch.add(x * f, ctx.score(x, t), alpha=-c)
+
+
+def _euler(ctx: SamplingContext, x: Tensor, k: _FixedSteps, i: int) -> Tensor:
+    h = k.h[i]
+    # x + h (f x - c s) = (1 + h f) x - h c s
+    return torch.add(x * (1 + h * k.f0[i]), ctx.score(x, k.t0[i]), alpha=-h * k.c0[i])
+
+
+def _midpoint(ctx: SamplingContext, x: Tensor, k: _FixedSteps, i: int) -> Tensor:
+    h = k.h[i]
+    d0 = _drift(ctx, x, k.t0[i], k.f0[i], k.c0[i])
+    dm = _drift(ctx, torch.add(x, d0, alpha=0.5 * h), k.tm[i], k.fm[i], k.cm[i])
+    return torch.add(x, dm, alpha=h)
+
+
+def _heun(ctx: SamplingContext, x: Tensor, k: _FixedSteps, i: int) -> Tensor:
+    h = k.h[i]
+    d0 = _drift(ctx, x, k.t0[i], k.f0[i], k.c0[i])
+    d1 = _drift(ctx, torch.add(x, d0, alpha=h), k.t1[i], k.f1[i], k.c1[i])
+    return torch.add(x, d0.add_(d1), alpha=0.5 * h)
+
+
+def _rk4(ctx: SamplingContext, x: Tensor, k: _FixedSteps, i: int) -> Tensor:
+    h = k.h[i]
+    k1 = _drift(ctx, x, k.t0[i], k.f0[i], k.c0[i])
+    k2 = _drift(ctx, torch.add(x, k1, alpha=0.5 * h), k.tm[i], k.fm[i], k.cm[i])
+    k3 = _drift(ctx, torch.add(x, k2, alpha=0.5 * h), k.tm[i], k.fm[i], k.cm[i])
+    k4 = _drift(ctx, torch.add(x, k3, alpha=h), k.t1[i], k.f1[i], k.c1[i])
+    total = k1.add_(k4).add_(k2.add_(k3), alpha=2.0)
+    return torch.add(x, total, alpha=h / 6)
+
+
+_STEPS = {"euler": _euler, "midpoint": _midpoint, "heun": _heun, "rk4": _rk4}
+_NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+
+
+class ODESampler(Sampler):
+    """Probability-flow ODE sampler (and encoder).
+
+    Args:
+        sde: the forward SDE.
+        method: fixed-step "euler", "midpoint", "heun" (default), "rk4", or adaptive
+            (torchdiffeq) "dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun".
+        num_steps: steps of a fixed-step method (default 100; NFE = 100 for Euler, 200 for
+            Heun/midpoint, 400 for RK4). Ignored by adaptive methods.
+        rtol, atol: tolerances of an adaptive method (per sample, see the module docstring).
+        eps: the ODE is solved between T and eps.
+        denoise: after reaching eps, one Tweedie step x0 = (x + sigma(eps)^2 s) / alpha(eps)
+            (one more NFE). `encode` never applies it, so round trips need denoise=False.
+        time_grid: the fixed-step grid: "uniform", "quadratic", "karras", "logsnr" or a
+            decreasing tensor from T to eps (see `scoresde.samplers.time_grid`).
+
+    With an adaptive method the callback (and the NaN check) run once, after the solve.
+    """
+
+    def __init__(
+        self,
+        sde: SDE,
+        method: str = "heun",
+        num_steps: int = 100,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        eps: float = 1e-3,
+        denoise: bool = False,
+        time_grid: Any = "uniform",
+    ) -> None:
+        super().__init__(sde)
+        if method not in FIXED_METHODS + ADAPTIVE_METHODS:
+            raise ValueError(
+                f"method must be one of {FIXED_METHODS + ADAPTIVE_METHODS}, got {method!r}"
+            )
+        self.method = method
+        self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps)
+        self.rtol = check_positive("rtol", rtol)
+        self.atol = check_positive("atol", atol)
+        self.denoise = check_bool("denoise", denoise)
+
+    # --- public --------------------------------------------------------------------------
+    def encode(self, score_fn: Any, x: Tensor, *, progress: bool = False) -> Tensor:
+        """The latent z at T `[B, *D]` of data x `[B, *D]` at t = eps: the probability-flow
+        ODE solved forwards from eps to T with this sampler's method and grid (reversed).
+        Device and dtype follow x; `self.nfe` is set as after `sample`."""
+        check_data("x", x)
+        score = CountedScore(score_fn)
+        guard = NonFiniteGuard(x.device)
+        ctx = SamplingContext(score, GeneratorNoise(None), guard, None, progress, "encode")
+        try:
+            with torch.no_grad():
+                z = self._solve(ctx, x.detach().clone(), forward=True)
+            guard.flush()
+        finally:
+            self.nfe = score.nfe
+        return z
+
+    # --- internals -----------------------------------------------------------------------
+    def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
+        x = self._solve(ctx, x, forward=False)
+        if self.denoise:
+            t = torch.tensor(self.eps, dtype=torch.float64)
+            alpha, sigma = float(self.sde.alpha(t)), float(self.sde.sigma(t))
+            x = torch.add(x, ctx.score(x, self.eps), alpha=sigma * sigma).mul_(1 / alpha)
+        return x
+
+    def _solve(self, ctx: SamplingContext, x: Tensor, *, forward: bool) -> Tensor:
+        if self.method in ADAPTIVE_METHODS:
+            return self._solve_adaptive(ctx, x, forward)
+        grid = make_grid(self.sde, self.num_steps, self.time_grid, self.eps)
+        if forward:
+            grid = grid.flip(0)
+        k = _FixedSteps(self.sde, grid)
+        step = _STEPS[self.method]
+        for i in ctx.steps(len(k.h)):
+            x = ctx.after_step(i, k.t1[i], step(ctx, x, k, i))
+        return x
+
+    def _solve_adaptive(self, ctx: SamplingContext, x: Tensor, forward: bool) -> Tensor:
+        from torchdiffeq import odeint
+
+        sde = self.sde
+        ends = [self.eps, sde.T] if forward else [sde.T, self.eps]
+        t = torch.tensor(ends, dtype=x.dtype, device=x.device)
+
+        def drift(t: Tensor, y: Tensor) -> Tensor:
+            f = sde.drift_coef(t)
+            c = 0.5 * sde.diffusion_coef(t) ** 2
+            return f * y - expand_like(c, y) * ctx.score(y, t)
+
+        out = odeint(
+            drift,
+            x,
+            t,
+            rtol=self.rtol,
+            atol=self.atol,
+            method=self.method,
+            # step_t: land on the end time; dopri5 & co. otherwise step past it and
+            # interpolate, evaluating the score beyond eps (negative t, where sigma is NaN).
+            options={"norm": per_sample_max_rms, "step_t": t[1:]},
+        )[-1]
+        return ctx.after_step(0, ends[1], out)

@@ -1,0 +1,109 @@
+"""Smoke test of benchmarks/trained.py: the Gaussian baselines against closed forms, the
+NFE budgets of the sampler sweep, and the 2-D part end to end on a micro configuration."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from scoresde.data import load_digits_split
+from scoresde.sdes import VPSDE
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "trained.py"
+
+
+@pytest.fixture(scope="module")
+def trained():
+    spec = importlib.util.spec_from_file_location("trained_bench", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_per_pixel_baseline_matches_closed_form(trained) -> None:
+    split = load_digits_split()
+    x_tr, x_te = split.x_train, split.x_test[:20]
+    out = trained.gaussian_baselines(x_tr, x_te)
+    tr, te = x_tr.flatten(1).double(), x_te.flatten(1).double()
+    mean, std = tr.mean(0), tr.std(0).clamp_min(trained.FLOOR_BIN)
+    # continuous: -sum log N(x; m, s) / (64 ln 2) + log2(16/2) (bin width 2/16 -> +3 bits)
+    nll = (0.5 * ((te - mean) / std) ** 2 + std.log() + 0.5 * math.log(2 * math.pi)).sum(1)
+    want = nll / (64 * math.log(2)) + 3.0
+    got = out["per-pixel Gaussian, continuous, std floor Delta/sqrt(2 pi)"]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # With that floor p * Delta <= 1 on every pixel, so bpd >= 0; the discretized model is
+    # a true probability (every bin mass <= 1), so it is >= 0 for any floor.
+    assert (got >= 0).all()
+    for key, bpd in out.items():
+        assert bpd.shape == (20,) and torch.isfinite(bpd).all(), key
+        if "discretized" in key:
+            assert (bpd >= 0).all(), key
+    # Discretized: P(pixel) = Phi((x + D/2 - m)/s) - Phi((x - D/2 - m)/s), with the bins of
+    # the end levels -1 and 1 open to -inf / +inf (so the 17 masses of a pixel sum to 1).
+    normal = torch.distributions.Normal(mean, std)
+    lo = torch.where(te == -1, -math.inf, te - 1 / 16)
+    hi = torch.where(te == 1, math.inf, te + 1 / 16)
+    want = -(normal.cdf(hi) - normal.cdf(lo)).log2().mean(1)
+    got = out["per-pixel Gaussian, discretized, std floor Delta/sqrt(2 pi)"]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    edges = torch.cat([torch.tensor([-math.inf]), torch.linspace(-1, 1, 17)[:-1] + 1 / 16])
+    edges = torch.cat([edges, torch.tensor([math.inf])]).double()
+    mass = torch.distributions.Normal(mean[27], std[27]).cdf(edges)
+    assert float((mass[1:] - mass[:-1]).sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(("name", "nfe"), [("PC", 100), ("EDM Heun", 20), ("DDIM", 10)])
+def test_sampler_nfe_budget(trained, name: str, nfe: int) -> None:
+    sde = VPSDE()
+    sampler = trained._build_sampler(name, sde, nfe)
+    x = sampler.sample(lambda x, t: -x, (4, 2), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+    # the sweep's NFE axis is honest: within one call of the requested budget
+    assert nfe - 1 <= sampler.nfe <= nfe
+
+
+def test_2d_part_and_report_end_to_end(trained, tmp_path: Path) -> None:
+    cfg = {
+        "datasets": ["mixture3"],
+        "net_kwargs": {"hidden": 32, "num_blocks": 1},
+        "train_points": 512,
+        "steps": 10,
+        "batch_size": 64,
+        "lr": 2e-3,
+        "warmup": 2,
+        "n_samples": 200,
+        "nfes": [10],
+        "long_nfes": [],
+        "n_likelihood": 32,
+        "lik_rtol": 1e-2,
+        "floor_repeats": 2,
+    }
+    res = trained.run_2d(cfg, tmp_path / "work", tmp_path)
+    (tmp_path / "trained_2d.json").write_text(json.dumps(res))
+    block = res["datasets"]["mixture3"]
+    ok = [r for r in block["runs"] if "error" not in r]
+    assert {r["sampler"] for r in ok} >= {"DDIM", "DPM-Solver++ 2M", "Euler-Maruyama"}
+    assert all(math.isfinite(r["nll"]) and r["sw2"] > 0 for r in ok)
+    # true samples' NLL under the mixture is its entropy, ~1.26 nats (PEERS.md)
+    assert block["data_nll"] == pytest.approx(1.258, abs=0.2)
+    lk = block["likelihood"]
+    assert lk["exact_nll"] == pytest.approx(1.258, abs=0.4)
+    assert lk["gap_mean"] == pytest.approx(lk["model_nll"] - lk["exact_nll"], abs=1e-5)
+    # the checkpoint resumes: a second call trains no more steps
+    again, log = trained._train(
+        trained.build_model("vp", "mlp", (2,), "eps", net_kwargs=cfg["net_kwargs"]),
+        torch.randn(64, 2),
+        cfg,
+        tmp_path / "work" / "2d_mixture3",
+        0,
+    )
+    assert log["resumed_from_step"] == 10 and again.step == 10
+    trained.report(tmp_path, ["python benchmarks/trained.py --part 2d"])
+    md = (tmp_path / "trained.md").read_text()
+    assert "### mixture3" in md and "| DDIM | 10 |" in md
+    assert (tmp_path / "trained.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
