@@ -1,10 +1,10 @@
 """Tuned time grids ("Align Your Steps"-style, `optimize_time_grid`) against the default grid.
 
 Writes benchmarks/results/schedules.{json,md,png}. Run: `python benchmarks/schedules.py`
-(no arguments; about 15 minutes on one CPU thread).
+(no arguments; about 25 minutes on one CPU thread).
 
 Setup: VP SDE (DDPM's linear schedule), exact mixture scores, float64, end time eps = 1e-3.
-Grids are tuned on 512 pilot x_T drawn with seed 1234 (reference: dopri5 rtol 1e-7) and
+Grids are tuned on 1024 pilot x_T drawn with seed 1234 (reference: dopri5 rtol 1e-7) and
 evaluated on 10,000 fresh x_T drawn with seed 0 (reference: dopri5 rtol 1e-9): the error is
 the RMS over samples of ||x - x_ref||, as in PEERS.md. The median per-sample error is given
 too, because the RMS of a tuned grid is dominated by the few samples near a boundary between
@@ -27,7 +27,7 @@ from scoresde.toy import benchmark_mixture_2d, eight_gaussians, random_mixture
 OUT = Path(__file__).parent / "results"
 STEPS = (5, 10, 20, 50)
 CONFIGS = ((3, True), (2, True), (3, False), (2, False))  # (order, corrector)
-NUM_PILOT, PILOT_SEED, EVAL_SEED, NUM_EVAL = 512, 1234, 0, 10_000
+NUM_PILOT, PILOT_SEED, EVAL_SEED, NUM_EVAL = 1024, 1234, 0, 10_000
 MAX_EVALS = 1500
 TARGETS = {
     "benchmark_mixture_2d": benchmark_mixture_2d,
@@ -139,7 +139,8 @@ def markdown(results: dict) -> str:
         f"tuned on {NUM_PILOT} pilots (seed {PILOT_SEED}, at most {MAX_EVALS} Nelder-Mead "
         f"evaluations), evaluated on {NUM_EVAL:,} fresh x_T (seed {EVAL_SEED}). Error: RMS of "
         "||x - x_ref|| over samples (median per-sample error in brackets). Default grid: "
-        '"quadratic". One CPU thread.',
+        '"quadratic". Tuning time: wall seconds on one CPU thread, the pilots\' reference '
+        "solve included.",
         "",
         "| order | corrector | NFE | default grid | tuned grid | tuning time (s) |",
         "|---|---|---|---|---|---|",
@@ -148,9 +149,20 @@ def markdown(results: dict) -> str:
         d, t = r["default"], r["tuned"]
         out.append(
             f"| {r['order']} | {'yes' if r['corrector'] else 'no'} | {r['nfe']} | "
-            f"{d['rms']:.4f} ({d['median']:.4f}) | {t['rms']:.4f} ({t['median']:.4f}) | "
+            f"{_err(d)} | {_err(t)} | "
             f"{r['tune_seconds']:.0f} |"
         )
+    worse = [
+        f"order {r['order']} {'with' if r['corrector'] else 'without'} corrector at {r['nfe']} NFE"
+        for r in results["rows"]
+        if r["tuned"]["rms"] > r["default"]["rms"]
+    ]
+    out += [
+        "",
+        "Held-out RMS worse with the tuned grid than with the default: "
+        + (", ".join(worse) if worse else "none")
+        + ".",
+    ]
     out += [
         "",
         "## Transfer to other targets (order 3 + corrector)",
@@ -160,14 +172,23 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in results["transfer"]:
-        cells = [
-            f"{r[k]['rms']:.4f} ({r[k]['median']:.4f})"
-            for k in ("default", "bench_grid", "own_grid")
-        ]
+        cells = [_err(r[k]) for k in ("default", "bench_grid", "own_grid")]
         out.append(
             f"| {r['target']} | {r['nfe']} | " + " | ".join(cells) + f" | {r['tune_seconds']:.0f} |"
         )
+    for key, what in (("bench_grid", "the borrowed grid"), ("own_grid", "the target's own grid")):
+        worse = [
+            f"{r['target']} at {r['nfe']} NFE"
+            for r in results["transfer"]
+            if r[key]["rms"] > r["default"]["rms"]
+        ]
+        out += ["", f"Worse than the default with {what}: " + (", ".join(worse) or "none") + "."]
     return "\n".join(out) + "\n"
+
+
+def _err(e: dict[str, float]) -> str:
+    """RMS (median) to 3 significant digits."""
+    return f"{e['rms']:.3g} ({e['median']:.3g})"
 
 
 def plot(results: dict, path: Path) -> None:

@@ -46,34 +46,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {' '.join(message.split())}{hint}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _checked_number(convert: Any, ok: Any, expected: str) -> Any:
+    """An argparse `type`: convert the text, then check it, with a one-line reason."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_positive_int = _checked_number(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _checked_number(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _checked_number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -325,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--suite",
         default="all",
         help="all (default), peers (scoresde next to diffusers/torchsde/torchdiffeq), "
-        "exact_score (every solver against exact mixture scores) or overhead (per-step cost)",
+        "exact_score (every solver against exact mixture scores), overhead (per-step cost) "
+        "or likelihood (probability-flow log-likelihood against exact densities)",
     )
     p.add_argument("--out", default="scoresde-bench", help="output folder (./scoresde-bench)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")

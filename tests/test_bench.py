@@ -221,3 +221,18 @@ def test_likelihood_suite_separates_solver_error_from_prior_mismatch(tmp_path) -
     hutch = rows["dopri5_per_sample rtol=atol=0.001, 1 probe(s)"]
     assert hutch["vs_tight"]["std"] > 10 * per_sample["vs_tight"]["std"]
     assert "| evals/sample |" in (tmp_path / "likelihood.md").read_text()
+
+
+def test_cli_bench_quick_mode_writes_every_suite(tmp_path, capsys) -> None:
+    """`scoresde bench --quick` (what docs/benchmarks.md calls the CI-size run), end to end."""
+    from scoresde.bench import SUITES
+    from scoresde.cli import main
+
+    assert main(["bench", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    for suite in SUITES:
+        report = json.loads((tmp_path / f"{suite}.json").read_text())
+        assert report, suite
+        assert (tmp_path / f"{suite}.md").read_text().startswith("#"), suite
+        assert (tmp_path / f"{suite}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", suite
+    printed = capsys.readouterr().out
+    assert "scoresde" in printed and "diffusers" in printed

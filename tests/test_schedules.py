@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from scoresde import VESDE, VPSDE, DPMSolverSampler
+from scoresde import VESDE, VPSDE, CosineVPSDE, DDIMSampler, DPMSolverSampler, SubVPSDE
 from scoresde.samplers import optimize_time_grid
 from scoresde.samplers.grids import time_grid
 from scoresde.samplers.schedules import (
@@ -69,7 +69,7 @@ def test_tuning_does_not_touch_the_global_rng(setup):
 
 
 def test_zero_parameters_reproduce_the_initial_grid():
-    for sde in (VPSDE(), VESDE()):
+    for sde in (VPSDE(), SubVPSDE(), VESDE(), CosineVPSDE()):
         for n in (4, 30):  # full parameterisation and the knot basis
             init = time_grid(sde, n, "quadratic")
             grid_map = _GridMap(sde, init, max_params=16)
@@ -140,3 +140,17 @@ def test_argument_validation(setup):
     with pytest.raises(TypeError, match="x_T"):
         optimize_time_grid(factory, score, sde, 4, x_T=[[0.0, 1.0]])
     assert math.isfinite(pf_ode_reference(sde, score, torch.zeros(2, 2, dtype=F64)).sum().item())
+
+
+def test_other_samplers_and_never_worse_on_the_pilots(setup):
+    sde, score, _ = setup
+    x_T = sde.prior_sampling((64, 2), generator=torch.Generator().manual_seed(2), dtype=F64)
+    x_ref = pf_ode_reference(sde, score, x_T, 1e-3)
+
+    def ddim(g):
+        return DDIMSampler(sde, len(g) - 1, time_grid=g)
+
+    grid = optimize_time_grid(ddim, score, sde, 4, x_T=x_T, init="uniform", max_evals=40)
+    before = pathwise_error(ddim(time_grid(sde, 4, "uniform")), score, x_T, x_ref)
+    after = pathwise_error(ddim(grid), score, x_T, x_ref)
+    assert after < before  # DDIM on a uniform grid is far from optimal

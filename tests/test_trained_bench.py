@@ -84,6 +84,7 @@ def test_2d_part_and_report_end_to_end(trained, tmp_path: Path) -> None:
         "floor_repeats": 2,
     }
     res = trained.run_2d(cfg, tmp_path / "work", tmp_path)
+    assert res["param"] == trained.DEFAULT_PARAM == "v"
     (tmp_path / "trained_2d.json").write_text(json.dumps(res))
     block = res["datasets"]["mixture3"]
     ok = [r for r in block["runs"] if "error" not in r]
@@ -96,14 +97,27 @@ def test_2d_part_and_report_end_to_end(trained, tmp_path: Path) -> None:
     assert lk["gap_mean"] == pytest.approx(lk["model_nll"] - lk["exact_nll"], abs=1e-5)
     # the checkpoint resumes: a second call trains no more steps
     again, log = trained._train(
-        trained.build_model("vp", "mlp", (2,), "eps", net_kwargs=cfg["net_kwargs"]),
+        trained.build_model("vp", "mlp", (2,), "v", net_kwargs=cfg["net_kwargs"]),
         torch.randn(64, 2),
         cfg,
-        tmp_path / "work" / "2d_mixture3",
+        trained._ckdir_2d(tmp_path / "work", "mixture3", "v"),
         0,
     )
     assert log["resumed_from_step"] == 10 and again.step == 10
+    # The parameterization study reuses that checkpoint; the exact score from the same x_T
+    # shows the solvers themselves put no sample far out and reach the mixture's entropy.
+    study = trained.param_study(cfg, tmp_path / "work", params=("v",))
+    assert study["models"]["v"]["train"]["resumed_from_step"] == 10
+    assert set(study["models"]["v"]["eps_error"]["1"]) == {"bulk", "tail"}
+    for q in study["models"]["exact"]["runs"].values():
+        assert q["far_frac"] == 0.0 and q["nll"] == pytest.approx(1.26, abs=0.3)
+    (tmp_path / "trained_params.json").write_text(json.dumps(study))
+    (tmp_path / "trained_2d_eps.json").write_text(json.dumps({**res, "param": "eps"}))
     trained.report(tmp_path, ["python benchmarks/trained.py --part 2d"])
     md = (tmp_path / "trained.md").read_text()
     assert "### mixture3" in md and "| DDIM | 10 |" in md
+    assert "v parameterization" in md and "--part 2d --param v" in md
+    assert "### Parameterization and ODE samplers" in md and "| v-model | ODE heun" in md
+    nll = f"{lk['model_nll']:.3f}"  # eps / v side by side (here the same run twice)
+    assert f"| mixture3 | held-out NLL (PF ODE) | | | {nll} / {nll} | |" in md
     assert (tmp_path / "trained.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -215,7 +215,7 @@ def _overhead_md(results: dict) -> list[str]:
     ov = results["overhead"]
     out = [
         f"## Per-step overhead (trivial model score = -x, batch {ov['batch']} x 2, "
-        f"{ov['dtype']}, {ov['num_steps']} steps, median of {ov['repeats']})",
+        f"{ov['dtype']}, {ov['num_steps']} steps, fastest of {ov['repeats']})",
         "",
         f"Bare torch update (x <- a x + b (-x)): {_fmt(ov['bare_us_per_step'], 1)} us per step"
         + (

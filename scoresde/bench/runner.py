@@ -39,6 +39,7 @@ MODES = ("quick", "full")
 
 FULL_STEPS = (5, 10, 20, 50, 100, 200, 1000)
 QUICK_STEPS = (10, 20, 50)
+QUICK_N = 1_000
 # exact_score in full mode is trimmed to run in about ten minutes on a shared 2-core CPU:
 # the VP 2-D mixture is the peers suite's (all methods, 10,000 samples, up to 1000 steps), so
 # here one sampler per family on the other targets and SDEs, 5 to 100 steps, 5,000 samples
@@ -331,7 +332,7 @@ def run(
 ) -> dict[str, Any]:
     """Run a benchmark suite and write `<out_dir>/<suite>.json`, `.md` and `.png`.
 
-    suite: "peers", "exact_score", "overhead" or "likelihood". mode "quick": 2,000 samples, steps
+    suite: "peers", "exact_score", "overhead" or "likelihood". mode "quick": 1,000 samples, steps
     (10, 20, 50), 2-D targets only; "full": 10,000 samples (as PEERS.md), steps
     (5, 10, 20, 50, 100, 200, 1000) for "peers"; "exact_score" full is trimmed (see
     EXACT_*): ten samplers (also in quick mode), (5, ..., 100) steps, ring/anisotropic 2-D
@@ -349,12 +350,16 @@ def run(
     results: dict[str, Any] = {"suite": suite, "mode": mode, "versions": _versions()}
     if suite == "overhead":
         chosen = _select(all_methods, methods)
-        results["overhead"] = run_overhead(chosen, repeats=15 if full else 3)
+        results["overhead"] = (
+            run_overhead(chosen, repeats=15)
+            if full
+            else run_overhead(chosen, num_steps=20, repeats=2)
+        )
     elif suite == "likelihood":
         default_targets = ["mixture2d", "mix16d"] if full else ["mixture2d"]
         results["likelihood"] = run_likelihood(
             list(targets) if targets is not None else default_targets,
-            n=n if n is not None else (2_000 if full else 300),
+            n=n if n is not None else (2_000 if full else 100),
             full=full,
             seed=seed,
         )
@@ -378,7 +383,7 @@ def run(
         full_steps = FULL_STEPS if suite == "peers" else EXACT_FULL_STEPS
         step_list = tuple(steps) if steps is not None else (full_steps if full else QUICK_STEPS)
         full_n = 10_000 if suite == "peers" else EXACT_FULL_N
-        size = n if n is not None else (full_n if full else 2_000)
+        size = n if n is not None else (full_n if full else QUICK_N)
         results["steps"] = list(step_list)
         blocks = [(t, None) for t in (list(targets) if targets is not None else default_targets)]
         if suite == "exact_score" and targets is None and full:
