@@ -106,6 +106,13 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown() -> None:
-    """Destroy the default process group if one exists."""
+    """Leave the default process group, if one exists, on the normal exit path.
+
+    `destroy_process_group` is collective: every rank must reach it together. Rank 0 often
+    still writes checkpoints and plots when the others are done, and a rank that tears its
+    connections down meanwhile can abort (seen as a rare SIGABRT of rank 1 under load), so
+    all ranks first meet at a barrier.
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

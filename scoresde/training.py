@@ -108,7 +108,7 @@ def build_model(
     sde: str | SDE = "vp",
     net: str = "mlp",
     data_shape: Sequence[int] = (2,),
-    parameterization: str = "eps",
+    parameterization: str = "v",
     *,
     num_classes: int | None = None,
     sde_kwargs: dict[str, Any] | None = None,
@@ -123,7 +123,10 @@ def build_model(
         net: "mlp" (`MLPScoreNet(dim=prod(data_shape))`, for any data shape) or "unet"
             (`UNet(in_channels=C)`, data_shape (C, H, W)); extra kwargs in `net_kwargs`.
         data_shape: the shape D of one sample (without the batch dimension).
-        parameterization: "eps", "score", "x0" or "v".
+        parameterization: "v" (default), "eps", "score" or "x0". v-prediction is the
+            default because probability-flow ODE samplers (ODE, DDIM, DPM-Solver++, EDM)
+            do not damp a network's errors in the prior's tail, and eps-prediction is worst
+            there: see "Parameterization and ODE samplers" in docs/benchmarks.md.
         num_classes: labels for a conditional network (label num_classes = null class).
         seed: seeds the weight initialisation without touching the global RNG (None: use
             the global RNG).
@@ -297,6 +300,16 @@ class LoadedModel(NamedTuple):
     config: dict[str, Any]
 
 
+def _rebuild_model(cfg: dict, path: str | os.PathLike, hint: str) -> ScoreModel:
+    """The ScoreModel of a checkpoint's configuration (only models made by `build_model`
+    carry the spec needed to rebuild them; `hint` says what to do otherwise)."""
+    if not cfg.get("model"):
+        raise CheckpointError(
+            f"{str(path)!r} holds no model spec (the model was not made by build_model); {hint}"
+        )
+    return _model_from_spec(cfg["model"])
+
+
 def load_model(
     path: str | os.PathLike, *, ema: bool = True, device: torch.device | str | None = None
 ) -> LoadedModel:
@@ -304,12 +317,9 @@ def load_model(
     (`ema=True`, the ones to sample from) or its raw weights, for sampling / likelihoods."""
     ckpt = read_checkpoint(path)
     cfg = ckpt["config"]
-    if not cfg.get("model"):
-        raise CheckpointError(
-            f"{str(path)!r} holds no model spec (the model was not made by build_model); "
-            "build the model yourself and load_state_dict(read_checkpoint(path)['ema'])"
-        )
-    model = _model_from_spec(cfg["model"])
+    model = _rebuild_model(
+        cfg, path, "build the model yourself and load_state_dict(read_checkpoint(path)['ema'])"
+    )
     state = ckpt["ema" if ema else "model"]
     _check_state_compatible("EMA model" if ema else "model", model, state)
     model.load_state_dict(state)
@@ -872,12 +882,7 @@ class Trainer:
         """
         ckpt = read_checkpoint(path)
         cfg = ckpt["config"]
-        if not cfg.get("model"):
-            raise CheckpointError(
-                f"{str(path)!r} holds no model spec (the model was not made by build_model); "
-                "build the model yourself and call trainer.load(path)"
-            )
-        model = _model_from_spec(cfg["model"])
+        model = _rebuild_model(cfg, path, "build the model yourself and call trainer.load(path)")
         if loss is None:
             if not cfg.get("loss"):
                 raise CheckpointError(f"{str(path)!r} holds no loss config; pass loss=")

@@ -8,6 +8,6 @@ diffusers for the diffusers peers (`pip install scoresde[bench]`); missing peers
 out.
 """
 
-from scoresde.bench.runner import MODES, SUITES, run, run_accuracy, run_overhead
+from scoresde.bench.runner import MODES, SUITES, run, run_accuracy, run_overhead, script_main
 
-__all__ = ["run", "run_accuracy", "run_overhead", "SUITES", "MODES"]
+__all__ = ["run", "run_accuracy", "run_overhead", "script_main", "SUITES", "MODES"]

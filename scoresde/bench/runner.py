@@ -412,3 +412,16 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def script_main(suite: str, default_out: Path, argv: list[str] | None = None) -> None:
+    """The command line of the `benchmarks/<suite>.py` scripts:
+    `[--mode quick|full] [--out DIR]`, full mode and the repository's results by default."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=f"Run the {suite!r} benchmark suite.")
+    parser.add_argument("--mode", choices=MODES, default="full")
+    parser.add_argument("--out", type=Path, default=default_out)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    run(suite, args.mode, args.out, progress=True)
