@@ -19,7 +19,10 @@ where the drift is finite). Adaptive methods ("dopri5", "dopri8", "bosh3", "fehl
 "adaptive_heun") run torchdiffeq's `odeint` with rtol/atol; the error norm is the largest
 per-sample RMS error, so every sample (not only the batch on average) meets the tolerance.
 The step sizes are still shared by the batch, so adaptive results depend (within the
-tolerance) on the other samples.
+tolerance) on the other samples. "dopri5_per_sample" (scoresde's own Dormand–Prince 5(4),
+`scoresde._ode`) gives every sample its own step size and accept/reject decisions and stops
+evaluating a sample once it has arrived: a sample's result does not depend on the rest of
+the batch, and one score call on the still-active samples counts as one NFE.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ Tensor = torch.Tensor
 __all__ = ["ODESampler", "FIXED_METHODS", "ADAPTIVE_METHODS"]
 
 FIXED_METHODS = ("euler", "midpoint", "heun", "rk4")
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+TORCHDIFFEQ_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+PER_SAMPLE_METHODS = ("dopri5_per_sample",)
+ADAPTIVE_METHODS = TORCHDIFFEQ_METHODS + PER_SAMPLE_METHODS
 
 
 def per_sample_max_rms(v: Tensor) -> Tensor:
@@ -114,8 +119,9 @@ class ODESampler(Sampler):
 
     Args:
         sde: the forward SDE.
-        method: fixed-step "euler", "midpoint", "heun" (default), "rk4", or adaptive
-            (torchdiffeq) "dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun".
+        method: fixed-step "euler", "midpoint", "heun" (default), "rk4", adaptive with one
+            step size for the batch (torchdiffeq) "dopri5", "dopri8", "bosh3", "fehlberg2",
+            "adaptive_heun", or adaptive per sample "dopri5_per_sample" (batch-independent).
         num_steps: steps of a fixed-step method (default 100; NFE = 100 for Euler, 200 for
             Heun/midpoint, 400 for RK4). Ignored by adaptive methods.
         rtol, atol: tolerances of an adaptive method (per sample, see the module docstring).
@@ -196,10 +202,16 @@ class ODESampler(Sampler):
         t = torch.tensor(ends, dtype=x.dtype, device=x.device)
 
         def drift(t: Tensor, y: Tensor) -> Tensor:
-            f = sde.drift_coef(t)
-            c = 0.5 * sde.diffusion_coef(t) ** 2
-            return f * y - expand_like(c, y) * ctx.score(y, t)
+            """f(t) y - g(t)^2 s(y, t) / 2 for a scalar t or per-sample t `[Ba]`."""
+            f = expand_like(sde.drift_coef(t), y)
+            c = expand_like(0.5 * sde.diffusion_coef(t) ** 2, y)
+            return f * y - c * ctx.score(y, t)
 
+        if self.method in PER_SAMPLE_METHODS:
+            from scoresde._ode import solve_per_sample
+
+            out, _ = solve_per_sample(drift, x, ends[0], ends[1], rtol=self.rtol, atol=self.atol)
+            return ctx.after_step(0, ends[1], out)
         out = odeint(
             drift,
             x,
