@@ -47,6 +47,21 @@ def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """A flag must be a real bool (not 0/1 or a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def check_eps(eps: Any, sde: Any) -> float:
+    """The end time eps of a solve must lie in (0, T) of the SDE."""
+    eps = check_positive("eps", eps)
+    if eps >= sde.T:
+        raise ValueError(f"eps must be in (0, T={sde.T}), got {eps!r}")
+    return eps
+
+
 def check_data(name: str, x: Any) -> Tensor:
     """Data tensors are floating point with a batch dimension: `[B, *D]`, rank >= 2."""
     if not torch.is_tensor(x):

@@ -30,6 +30,7 @@ from scoresde._ode import solve_per_sample
 from scoresde._validation import (
     check_choice,
     check_data,
+    check_eps,
     check_positive,
     check_positive_int,
     expand_like,
@@ -115,13 +116,6 @@ def _check_generator(generator: Any) -> None:
         raise TypeError(
             f"generator must be a torch.Generator or None, got {type(generator).__name__}"
         )
-
-
-def _check_eps(eps: Any, sde: SDE) -> float:
-    eps = check_positive("eps", eps)
-    if eps >= sde.T:
-        raise ValueError(f"eps must be in (0, T) = (0, {sde.T}), got {eps!r}")
-    return eps
 
 
 def _check_method(method: Any, num_steps: Any) -> tuple[str, int | None]:
@@ -433,7 +427,7 @@ def log_likelihood(
     method, num_steps = _check_method(method, num_steps)
     rtol = check_positive("rtol", rtol)
     atol = check_positive("atol", atol)
-    eps = _check_eps(eps, sde)
+    eps = check_eps(eps, sde)
     _check_generator(generator)
 
     with torch.inference_mode(False), torch.no_grad():

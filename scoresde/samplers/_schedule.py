@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from scoresde._validation import check_positive_int
+from scoresde._validation import check_eps, check_positive_int
 from scoresde.samplers.base import SamplingContext
-from scoresde.samplers.grids import GRIDS, check_eps, time_grid
+from scoresde.samplers.grids import GRIDS, time_grid
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
@@ -35,13 +35,6 @@ def check_grid(sde: SDE, num_steps: Any, kind: Any, eps: Any) -> tuple[int, Any,
         # A user grid: validated by time_grid; its length fixes the step count.
         num_steps = time_grid(sde, num_steps, kind, eps=eps).numel() - 1
     return num_steps, kind, eps
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """A flag must be a real bool (not 0/1 or a string)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
-    return value
 
 
 class Coefficients:

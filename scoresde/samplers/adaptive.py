@@ -38,11 +38,9 @@ from typing import Any
 
 import torch
 
-from scoresde._validation import check_positive, check_positive_int
+from scoresde._validation import check_bool, check_eps, check_positive, check_positive_int
 from scoresde.samplers._brownian import BrownianMemory, _put, _take
-from scoresde.samplers._schedule import check_bool
 from scoresde.samplers.base import NonFiniteError, Sampler, SamplingContext
-from scoresde.samplers.grids import check_eps
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor

@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 
-from scoresde._validation import check_positive
+from scoresde._validation import check_bool, check_positive
 from scoresde.samplers._schedule import (
     Coefficients,
-    check_bool,
     check_grid,
     data_prediction,
     make_grid,

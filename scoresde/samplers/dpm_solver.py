@@ -30,10 +30,9 @@ from typing import Any
 
 import torch
 
-from scoresde._validation import check_choice, check_positive_int
+from scoresde._validation import check_bool, check_choice, check_positive_int
 from scoresde.samplers._schedule import (
     Coefficients,
-    check_bool,
     check_grid,
     data_prediction,
     make_grid,

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from scoresde._validation import check_positive
-from scoresde.samplers._schedule import check_bool, check_grid, make_grid
+from scoresde._validation import check_bool, check_positive
+from scoresde.samplers._schedule import check_grid, make_grid
 from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.sdes import SDE
 

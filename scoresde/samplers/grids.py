@@ -14,24 +14,15 @@ for VP, sub-VP, VE and cosine VP alike:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from scoresde._validation import check_positive, check_positive_int
+from scoresde._validation import check_eps, check_positive, check_positive_int
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
 
 GRIDS = ("uniform", "quadratic", "karras", "logsnr")
-
-
-def check_eps(eps: Any, sde: SDE) -> float:
-    """The end time eps must lie in (0, T)."""
-    eps = check_positive("eps", eps)
-    if eps >= sde.T:
-        raise ValueError(f"eps must be in (0, T={sde.T}), got {eps!r}")
-    return eps
 
 
 def time_grid(

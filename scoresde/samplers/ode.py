@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from scoresde._validation import check_data, check_positive, expand_like
-from scoresde.samplers._schedule import check_bool, check_grid, make_grid
+from scoresde._validation import check_bool, check_data, check_positive, expand_like
+from scoresde.samplers._schedule import check_grid, make_grid
 from scoresde.samplers.base import (
     CountedScore,
     GeneratorNoise,

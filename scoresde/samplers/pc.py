@@ -46,10 +46,9 @@ from typing import Any
 
 import torch
 
-from scoresde._validation import check_positive, check_positive_int
-from scoresde.samplers._schedule import check_bool, check_grid, make_grid
+from scoresde._validation import check_bool, check_eps, check_positive, check_positive_int
+from scoresde.samplers._schedule import check_grid, make_grid
 from scoresde.samplers.base import Sampler, SamplingContext
-from scoresde.samplers.grids import check_eps
 from scoresde.sdes import SDE, VESDE, VPSDE, CosineVPSDE, SubVPSDE
 
 Tensor = torch.Tensor

@@ -43,9 +43,15 @@ from typing import Any
 
 import torch
 
-from scoresde._validation import check_data, check_positive, check_positive_int, check_shape
+from scoresde._validation import (
+    check_data,
+    check_eps,
+    check_positive,
+    check_positive_int,
+    check_shape,
+)
 from scoresde.samplers.base import NonFiniteError, Sampler
-from scoresde.samplers.grids import GRIDS, check_eps, time_grid
+from scoresde.samplers.grids import GRIDS, time_grid
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
