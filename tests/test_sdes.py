@@ -70,7 +70,7 @@ def ref_f_g2(sde: SDE, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     beta = b0 + t * (b1 - b0)
     if isinstance(sde, SubVPSDE):
         integral = b0 * t + (b1 - b0) * t**2 / 2
-        return -beta / 2, beta * (1 - np.exp(-2 * integral))
+        return -beta / 2, beta * -np.expm1(-2 * integral)  # no cancellation at small t
     return -beta / 2, beta
 
 
