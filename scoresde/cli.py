@@ -32,7 +32,6 @@ PROG = "scoresde"
 SDE_NAMES = ("vp", "subvp", "ve", "cosine")
 NET_NAMES = ("auto", "mlp", "unet")
 PARAMETERIZATIONS = ("v", "eps", "x0", "score")
-SAMPLER_NAMES = ("pc", "em", "ode", "ddim", "dpm", "edm", "adaptive")
 
 
 # --- argument parsing ---------------------------------------------------------------------------
@@ -233,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("checkpoint", help="checkpoint file or the --ckpt-dir of 'scoresde train'")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpm", help="solver (default dpm)")
+    from scoresde.samplers import SAMPLERS  # the one registry of sampler names
+
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="dpm", help="solver (default dpm)")
     p.add_argument(
         "--steps",
         type=_positive_int,
@@ -428,37 +429,18 @@ DEFAULT_STEPS = {"pc": 500, "em": 500, "ode": 100, "ddim": 50, "dpm": 20, "edm":
 
 
 def _make_sampler(name: str, sde: Any, steps: int | None, rtol: float | None = None) -> Any:
-    """A sampler object from its CLI name (`steps` None: the DEFAULT_STEPS entry)."""
-    n = DEFAULT_STEPS.get(name) if steps is None else steps
-    if name in ("pc", "em"):
-        from scoresde.samplers.pc import EulerMaruyamaSampler, PCSampler
+    """A sampler object from its registry name (`steps` None: the DEFAULT_STEPS entry)."""
+    from scoresde.samplers import SAMPLERS
 
-        if name == "pc":
-            return PCSampler(sde, predictor="reverse_diffusion", corrector="langevin", num_steps=n)
-        return EulerMaruyamaSampler(sde, num_steps=n)
-    if name == "ode":
-        from scoresde.samplers.ode import ODESampler
-
-        return ODESampler(sde, method="heun", num_steps=n)
-    if name == "ddim":
-        from scoresde.samplers.ddim import DDIMSampler
-
-        return DDIMSampler(sde, num_steps=n)
-    if name == "dpm":
-        from scoresde.samplers.dpm_solver import DPMSolverSampler
-
-        return DPMSolverSampler(sde, num_steps=n)
-    if name == "edm":
-        from scoresde.samplers.edm import EDMSampler
-
-        return EDMSampler(sde, num_steps=n)
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
+    cls = SAMPLERS[name]
     if name == "adaptive":
-        from scoresde.samplers.adaptive import AdaptiveSDESampler
-
         if steps is not None:
             raise ValueError("--steps is not used by --sampler adaptive; set --rtol instead")
-        return AdaptiveSDESampler(sde) if rtol is None else AdaptiveSDESampler(sde, rtol=rtol)
-    raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {name!r}")
+        return cls(sde) if rtol is None else cls(sde, rtol=rtol)
+    n = DEFAULT_STEPS.get(name) if steps is None else steps
+    return cls(sde, num_steps=n)
 
 
 # --- checkpoints --------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from scoresde.cli import SAMPLER_NAMES, build_parser, main
+from scoresde.cli import build_parser, main
+from scoresde.samplers import SAMPLERS
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -175,7 +176,7 @@ def test_sample_maps_back_through_the_scaler(run_2d: Path, tmp_path: Path) -> No
 
 
 def test_every_sampler_runs(run_2d: Path, tmp_path: Path) -> None:
-    for name in SAMPLER_NAMES:
+    for name in SAMPLERS:
         out = tmp_path / f"{name}.npz"
         # PC's discrete chain needs betas < 1: more than 20 steps for the VP SDE.
         steps = {"adaptive": [], "pc": ["--steps", "25"]}.get(name, ["--steps", "4"])

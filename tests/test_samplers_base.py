@@ -201,3 +201,13 @@ def test_sample_argument_validation() -> None:
         sampler.sample(SCORE, (5, 2), dtype=torch.int64)
     with pytest.raises(TypeError, match="generator"):
         sampler.sample(SCORE, (5, 2), generator=0)
+
+
+def test_sampler_registry_maps_cli_names_to_sampler_classes() -> None:
+    from scoresde import VPSDE
+    from scoresde.samplers import SAMPLERS, Sampler
+
+    assert {"pc", "em", "ode", "ddim", "dpm", "edm", "adaptive"} <= set(SAMPLERS)
+    for name, cls in SAMPLERS.items():
+        assert issubclass(cls, Sampler), name
+        assert isinstance(cls(VPSDE()), Sampler), name

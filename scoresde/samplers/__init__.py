@@ -22,7 +22,19 @@ from scoresde.samplers.pc import (
 )
 from scoresde.samplers.schedules import optimize_time_grid
 
-__all__ = ["Sampler", "SamplingContext", "NonFiniteError", "time_grid", "GRIDS"]
+#: The one registry of samplers: short name (the CLI's `--sampler`) -> sampler class. The
+#: CLI, guidance and the benchmarks read it, so a new sampler is one module plus one entry.
+SAMPLERS: dict[str, type[Sampler]] = {
+    "pc": PCSampler,
+    "em": EulerMaruyamaSampler,
+    "ode": ODESampler,
+    "ddim": DDIMSampler,
+    "dpm": DPMSolverSampler,
+    "edm": EDMSampler,
+    "adaptive": AdaptiveSDESampler,
+}
+
+__all__ = ["SAMPLERS", "Sampler", "SamplingContext", "NonFiniteError", "time_grid", "GRIDS"]
 __all__ += ["DDIMSampler", "DPMSolverSampler", "EDMSampler", "AdaptiveSDESampler"]
 __all__ += ["PCSampler", "EulerMaruyamaSampler", "ODESampler", "Predictor", "Corrector"]
 __all__ += ["PCContext", "optimize_time_grid"]
