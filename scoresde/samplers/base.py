@@ -47,10 +47,12 @@ class CountedScore:
             raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
         self.score_fn = score_fn
         self.nfe = 0
+        self.last_t: Any = None  # the time of the latest call, to name it in errors
 
     def __call__(self, x: Tensor, t: Any) -> Tensor:
         out = self.score_fn(x, broadcast_time(t, x))
         self.nfe += 1
+        self.last_t = t
         if not torch.is_tensor(out) or out.shape != x.shape:
             got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise ValueError(
@@ -167,14 +169,38 @@ class NonFiniteGuard:
 
     @staticmethod
     def _raise(step: int, t: Any) -> None:
-        if torch.is_tensor(t) and t.numel() > 1:  # per-sample times (adaptive samplers)
-            when = f"t in [{float(t.min()):.6g}, {float(t.max()):.6g}]"
-        else:
-            when = f"t = {float(t):.6g}"
+        when = _describe_time(t)
         raise NonFiniteError(
             f"non-finite values (NaN/Inf) in the trajectory after step {step} ({when}); "
             "check the score function, the step count or the time grid"
         )
+
+
+def _describe_time(t: Any) -> str:
+    """ "t = 0.5" for one time, "t in [a, b]" for per-sample times (adaptive samplers)."""
+    if torch.is_tensor(t) and t.numel() > 1:
+        return f"t in [{float(t.min()):.6g}, {float(t.max()):.6g}]"
+    return f"t = {float(t):.6g}"
+
+
+def check_returned_samples(x: Tensor, ctx: SamplingContext) -> None:
+    """Raise NonFiniteError if the samples a sampler returns hold NaN/Inf.
+
+    The per-step guard sees the state after every step of the loop, but not what happens
+    after the last one (a final denoising step, the adaptive sampler's Tweedie step, a
+    callback's replacement): this catches those, naming the last step and the time of the
+    last score evaluation. One reduction and one sync per run, after the loop.
+    """
+    if bool(torch.isfinite(x).all()):
+        return
+    last = ctx.last_step
+    after = "before the first step" if last is None else f"after step {last}"
+    when = "" if ctx.score.last_t is None else f", at {_describe_time(ctx.score.last_t)}"
+    raise NonFiniteError(
+        f"non-finite values (NaN/Inf) in the returned samples, from the final step {after} "
+        f"(the last score evaluation{when}: e.g. the denoising step); check the score "
+        "function near the end time"
+    )
 
 
 # --- the context and the base class ----------------------------------------------------------
@@ -198,6 +224,7 @@ class SamplingContext:
         self.callback = callback
         self.progress = progress
         self.desc = desc
+        self.last_step: int | None = None  # the latest step seen by after_step
         self._bar: Any = None
 
     def randn_like(self, x: Tensor) -> Tensor:
@@ -220,6 +247,7 @@ class SamplingContext:
 
     def after_step(self, step: int, t: float, x: Tensor) -> Tensor:
         """NaN check, then the user's callback (which may return a replacement x)."""
+        self.last_step = step
         self.guard(step, t, x)
         if self.callback is not None:
             out = self.callback(step, t, x)
@@ -295,6 +323,7 @@ class Sampler(abc.ABC):
             with torch.no_grad():
                 x = self._sample(ctx, x)
             guard.flush()
+            check_returned_samples(x, ctx)
         finally:
             self.nfe = score.nfe
         return x

@@ -1,0 +1,80 @@
+"""NaN/Inf after the sampling loop (issue 16.1): a final denoising step, the adaptive
+sampler's Tweedie step or PC's last corrector/predictor pair that turns NaN is reported
+(NonFiniteError naming the step and the time), never returned as NaN samples; and the
+`sample()` arguments that used to slip through (a float64 score in a float32 run,
+`batch_invariant="yes"`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scoresde import VESDE, VPSDE
+from scoresde.samplers import (
+    AdaptiveSDESampler,
+    DDIMSampler,
+    DPMSolverSampler,
+    EDMSampler,
+    NonFiniteError,
+    ODESampler,
+    PCSampler,
+)
+from scoresde.samplers.pc import EulerMaruyamaSampler
+from scoresde.toy import benchmark_mixture_2d
+
+GM = benchmark_mixture_2d()
+
+
+def _samplers(sde):
+    return {
+        "ode_heun_denoise": ODESampler(sde, "heun", num_steps=4, denoise=True),
+        "ode_dopri5_denoise": ODESampler(sde, "dopri5", rtol=1e-3, atol=1e-3, denoise=True),
+        "adaptive_defaults": AdaptiveSDESampler(sde),
+        "dpm_denoise": DPMSolverSampler(sde, num_steps=5, denoise=True),
+        "ddim_denoise": DDIMSampler(sde, num_steps=5, denoise=True),
+        "edm_denoise": EDMSampler(sde, num_steps=4, denoise=True),
+        "pc": PCSampler(sde, num_steps=30),
+        "em": EulerMaruyamaSampler(sde, num_steps=10),
+    }
+
+
+class NaNOnCall:
+    """The exact score, except that call number `bad` (1-based) returns NaN."""
+
+    def __init__(self, score_fn, bad: int) -> None:
+        self.score_fn, self.bad, self.calls = score_fn, bad, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        out = self.score_fn(x, t)
+        return torch.full_like(out, float("nan")) if self.calls == self.bad else out
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE(sigma_max=10.0)], ids=["vp", "ve"])
+@pytest.mark.parametrize("name", list(_samplers(VPSDE())))
+def test_nan_in_the_last_score_evaluation_is_reported(sde, name) -> None:
+    sampler = _samplers(sde)[name]
+    score = GM.score_fn(sde)
+    x = sampler.sample(score, (16, 2), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+    last = sampler.nfe
+    with pytest.raises(NonFiniteError, match=r"step \d+") as info:
+        sampler.sample(NaNOnCall(score, last), (16, 2), generator=torch.Generator().manual_seed(0))
+    assert "t = " in str(info.value) or "t in [" in str(info.value)
+
+
+def test_final_step_message_names_the_denoising_time() -> None:
+    sampler = DPMSolverSampler(VPSDE(), num_steps=5, denoise=True, eps=2e-3)
+    score = NaNOnCall(GM.score_fn(VPSDE()), 6)  # 5 steps + the denoising call
+    with pytest.raises(NonFiniteError, match=r"final step after step 4 .*t = 0\.002"):
+        sampler.sample(score, (8, 2), generator=torch.Generator().manual_seed(1))
+
+
+def test_a_callback_replacing_x_by_nan_at_the_end_is_reported() -> None:
+    sampler = DDIMSampler(VPSDE(), num_steps=3)
+
+    def callback(step, t, x):
+        return torch.full_like(x, float("nan")) if step == 2 else None
+
+    with pytest.raises(NonFiniteError, match="returned samples"):
+        sampler.sample(GM.score_fn(VPSDE()), (4, 2), callback=callback)
