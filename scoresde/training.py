@@ -47,6 +47,7 @@ from scoresde.nets.embedding import FourierTimeEmbedding
 from scoresde.nets.mlp import MLPScoreNet
 from scoresde.nets.score_model import ScoreModel
 from scoresde.nets.unet import UNet
+from scoresde.samplers.base import NonFiniteError
 from scoresde.sdes import SDE, VESDE, VPSDE, CosineVPSDE, SubVPSDE
 
 Tensor = torch.Tensor
@@ -54,6 +55,7 @@ Tensor = torch.Tensor
 __all__ = [
     "Trainer",
     "CheckpointError",
+    "TrainingDivergedError",
     "build_sde",
     "build_model",
     "sde_config",
@@ -72,6 +74,11 @@ LATEST = "latest.pt"
 
 class CheckpointError(ValueError):
     """A file that is not a readable scoresde checkpoint, or one that does not fit the model."""
+
+
+class TrainingDivergedError(NonFiniteError):
+    """The loss or the weights became NaN/Inf. Training stopped; no checkpoint holding
+    non-finite weights was written, so the last one on disk is the last good state."""
 
 
 # --- building models from names ---------------------------------------------------------------
@@ -369,6 +376,19 @@ def _check_optimizer_compatible(opt: torch.optim.Optimizer, state: dict[str, Any
 # --- the trainer ------------------------------------------------------------------------------
 
 
+def check_finite_rows(name: str, x: Tensor, where: str = "") -> None:
+    """Raise ValueError naming the first row of x `[N, *D]` that holds NaN or Inf."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).squeeze(1)
+        raise ValueError(
+            f"{name}{where} contains NaN or Inf values: row {int(rows[0])} is the first "
+            f"({rows.numel()} of {x.shape[0]} rows); remove or impute them before training"
+        )
+
+
 class _TensorBatches:
     """Global batches of `batch_size` rows drawn with replacement by a seeded generator."""
 
@@ -386,6 +406,7 @@ class _IterableBatches:
     def __init__(self, data: Iterable[Any]) -> None:
         self.data = data
         self.it: Iterator[Any] = iter(data)
+        self.count = 0  # batches drawn, to name a bad one
 
     def next(self) -> tuple[Tensor, Tensor | None]:
         try:
@@ -396,16 +417,24 @@ class _IterableBatches:
                 item = next(self.it)
             except StopIteration:
                 raise ValueError("data is an empty iterable") from None
+        self.count += 1
         if torch.is_tensor(item):
-            return item, None
+            return self._checked(item), None
         if isinstance(item, (tuple, list)) and len(item) == 2 and torch.is_tensor(item[0]):
-            return item[0], item[1]
+            return self._checked(item[0]), item[1]
         if isinstance(item, (tuple, list)) and len(item) == 1 and torch.is_tensor(item[0]):
-            return item[0], None
+            return self._checked(item[0]), None
         raise TypeError(
             "an iterable data source must yield tensors x or pairs (x, labels), got "
             f"{type(item).__name__}"
         )
+
+    def _checked(self, x: Tensor) -> Tensor:
+        """Refuse NaN/Inf in a batch (CPU batches only: on a device it would cost a sync per
+        step; the non-finite-loss check catches those)."""
+        if x.device.type == "cpu" and x.ndim >= 1:
+            check_finite_rows("data", x, f" (batch {self.count} of the iterable)")
+        return x
 
 
 class Trainer:
@@ -438,6 +467,12 @@ class Trainer:
         config: extra plain-Python information to keep in checkpoints (`config["user"]`).
         log_every: the loss is synchronised (and the progress bar updated) every this many
             steps; `history` holds one float per step.
+        max_skipped_steps: what a non-finite loss (or gradient norm) does. 0 (default): stop
+            with `TrainingDivergedError` at the next loss synchronisation (no extra device
+            sync). K > 0: skip such a step (no weight, optimizer or EMA update; its loss is
+            recorded as NaN) and stop after K consecutive skipped steps; costs one device sync
+            per step. In either case `save` refuses non-finite model or EMA weights, so a
+            diverged run never overwrites a good checkpoint.
         progress: the default of `fit(progress=...)`: a tqdm bar with the loss (rank 0 only).
 
     Attributes: `step` (optimizer steps taken), `model`, `ema_model` (a copy holding the
@@ -470,6 +505,7 @@ class Trainer:
         config: dict[str, Any] | None = None,
         log_every: int = 10,
         progress: bool = True,
+        max_skipped_steps: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -498,6 +534,11 @@ class Trainer:
         self.keep_checkpoints = bool(keep_checkpoints)
         self.seed = int(seed)
         self.log_every = check_positive_int("log_every", log_every)
+        self.max_skipped_steps = check_positive_int(
+            "max_skipped_steps", max_skipped_steps, minimum=0
+        )
+        self._skipped = 0  # consecutive skipped steps (max_skipped_steps > 0)
+        self._last_saved: tuple[Path, int] | None = None  # (path, step) of the last save
         self.progress = bool(progress)
         if data_scaler is not None and not isinstance(data_scaler, DataScaler):
             raise TypeError(f"data_scaler must be a DataScaler, got {type(data_scaler).__name__}")
@@ -667,8 +708,11 @@ class Trainer:
             self._scaler.unscale_(self.optimizer)
         else:
             value.backward()
+        norm = None
         if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+        if self.max_skipped_steps and self._skip_nonfinite_step(value, norm):
+            return torch.full_like(value.detach(), float("nan"))
         if self._scaler is not None:
             self._scaler.step(self.optimizer)
             self._scaler.update()
@@ -678,6 +722,61 @@ class Trainer:
         self.step += 1
         self._update_ema()
         return value.detach()
+
+    def _skip_nonfinite_step(self, value: Tensor, norm: Tensor | None) -> bool:
+        """With max_skipped_steps > 0: True (and the step is consumed without any update) when
+        the loss or the gradient norm is not finite; raises after too many in a row. One
+        device sync. (Under fp16 the GradScaler skips overflowing gradients itself, so only
+        the loss is checked then.)"""
+        check = value.detach().reshape(1)
+        if norm is not None and self._scaler is None:
+            check = torch.cat([check, norm.detach().reshape(1).to(check)])
+        if bool(torch.isfinite(check).all()):
+            self._skipped = 0
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # the schedule follows the step count, as with GradScaler
+        self.step += 1
+        self._skipped += 1
+        if self._skipped > self.max_skipped_steps:
+            raise TrainingDivergedError(
+                f"training stopped at step {self.step}: {self._skipped} consecutive steps had "
+                f"a non-finite loss or gradient (max_skipped_steps={self.max_skipped_steps}); "
+                + self._divergence_advice()
+            )
+        return True
+
+    def _divergence_advice(self) -> str:
+        last = self._last_saved
+        kept = (
+            "no checkpoint was written in this session"
+            if last is None
+            else f"the last good checkpoint ({last[0]}, step {last[1]}) is kept"
+        )
+        return (
+            f"{kept}. Lower the learning rate (lr={self.lr:g}), keep gradient clipping on, or "
+            "check the data for outliers"
+        )
+
+    def _check_finite_weights(self) -> None:
+        """Raise TrainingDivergedError if any model or EMA parameter or buffer holds NaN/Inf
+        (one device sync; called before every save)."""
+        named = [
+            (f"{what}.{name}", t)
+            for what, module in (("model", self.model), ("ema", self.ema_model))
+            for name, t in (*module.named_parameters(), *module.named_buffers())
+            if t.is_floating_point()
+        ]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+        bad = [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+        if bad:
+            raise TrainingDivergedError(
+                f"refusing to write a checkpoint at step {self.step}: non-finite weights in "
+                f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; "
+                + self._divergence_advice()
+            )
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -757,6 +856,15 @@ class Trainer:
         self.history += values
         bar.update(len(values))
         bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)
+        if not self.max_skipped_steps:  # (skipped steps are NaN on purpose, checked per step)
+            bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+            if bad:
+                first = self.step - len(values) + bad[0] + 1
+                raise TrainingDivergedError(
+                    f"training diverged: the loss became non-finite ({values[bad[0]]}) at step "
+                    f"{first} ({len(bad)} of the last {len(values)} losses); stopped at step "
+                    f"{self.step}; " + self._divergence_advice()
+                )
         return values
 
     # --- checkpoints ---
@@ -780,6 +888,7 @@ class Trainer:
                 "seed": self.seed,
                 "log_every": self.log_every,
                 "mixed_precision": self.mixed_precision,
+                "max_skipped_steps": self.max_skipped_steps,
                 "world_size": self.dist.world_size,
             },
             "model": model_spec(model),
@@ -829,10 +938,12 @@ class Trainer:
             target = self.checkpoint_dir / LATEST
         else:
             target = Path(path)
+        self._check_finite_weights()
         state = self.state_dict()
         if path is None and self.keep_checkpoints:
             _atomic_save(state, self.checkpoint_dir / f"step_{self.step:08d}.pt")
         _atomic_save(state, target)
+        self._last_saved = (target, self.step)
         return target
 
     def load(self, path: str | os.PathLike) -> Trainer:

@@ -1,0 +1,101 @@
+"""Training never loses a user's work (issue 16.2, 16.5; issue 11.3): a diverging run stops
+with a clear error and never writes a checkpoint with non-finite weights over a good one;
+isolated bad steps can be skipped; NaN/Inf data is refused with the row named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from scoresde import VPSDE, DSMLoss, Trainer
+from scoresde.toy import benchmark_mixture_2d
+from scoresde.training import TrainingDivergedError, build_model, read_checkpoint
+
+
+def _trainer(tmp: Path | None = None, **kwargs) -> Trainer:
+    model = build_model(VPSDE(), "mlp", (2,), net_kwargs={"hidden": 16, "num_blocks": 1})
+    opts = dict(batch_size=32, lr=1e-3, warmup_steps=1, progress=False, log_every=10)
+    opts.update(kwargs)
+    return Trainer(model, DSMLoss(model.sde), checkpoint_dir=tmp, **opts)
+
+
+def _data(n: int = 256) -> torch.Tensor:
+    return benchmark_mixture_2d().sample(n, generator=torch.Generator().manual_seed(0))
+
+
+def _finite_checkpoint(path: Path) -> dict:
+    ckpt = read_checkpoint(path)
+    for what in ("model", "ema"):
+        for name, t in ckpt[what].items():
+            assert torch.isfinite(t).all(), (what, name)
+    return ckpt
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, checkpoint_every=20)
+    trainer.fit(_data(), 20)
+    assert read_checkpoint(tmp_path)["step"] == 20
+    for group in trainer.optimizer.param_groups:  # what --lr 1e6 does
+        group["lr"] = 1e6
+    trainer.scheduler.base_lrs = [1e6]
+    with pytest.raises(TrainingDivergedError, match=r"non-finite .* at step 2\d") as info:
+        trainer.fit(_data(), 100)
+    assert "step 20) is kept" in str(info.value)
+    ckpt = _finite_checkpoint(tmp_path / "latest.pt")
+    assert ckpt["step"] == 20
+    # Saving the diverged weights by hand is refused as well, naming the tensors.
+    with pytest.raises(TrainingDivergedError, match="non-finite weights in model"):
+        trainer.save()
+    assert read_checkpoint(tmp_path)["step"] == 20
+
+
+def test_save_refuses_non_finite_ema_weights(tmp_path: Path) -> None:
+    trainer = _trainer()
+    with torch.no_grad():
+        next(trainer.ema_model.parameters())[0] = float("inf")
+    with pytest.raises(TrainingDivergedError, match="ema"):
+        trainer.save(tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
+class _FlakyLoss:
+    """DSMLoss, except on the calls listed in `bad` (1-based), where the loss is NaN."""
+
+    def __init__(self, sde, bad: set[int]) -> None:
+        self.loss, self.bad, self.calls = DSMLoss(sde), bad, 0
+
+    def __call__(self, model, x, generator=None, **kw):
+        self.calls += 1
+        value = self.loss(model, x, generator=generator, **kw)
+        return value * float("nan") if self.calls in self.bad else value
+
+
+def test_max_skipped_steps_skips_isolated_bad_steps() -> None:
+    trainer = _trainer(max_skipped_steps=2)
+    trainer.loss = _FlakyLoss(trainer.model.sde, {4, 9, 10})
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.fit(_data(), 3)
+    after3 = [p.detach().clone() for p in trainer.model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after3, strict=True))
+    trainer.fit(_data(), 1)  # step 4: NaN loss, skipped: no update at all
+    for p, q in zip(after3, trainer.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    trainer.fit(_data(), 16)
+    assert trainer.step == 20
+    nan_steps = [i + 1 for i, v in enumerate(trainer.history) if v != v]
+    assert nan_steps == [4, 9, 10]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    # Three bad steps in a row are too many.
+    trainer.loss = _FlakyLoss(trainer.model.sde, {2, 3, 4})
+    with pytest.raises(TrainingDivergedError, match="3 consecutive steps"):
+        trainer.fit(_data(), 10)
+
+
+def test_max_skipped_steps_is_validated_and_stored(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_skipped_steps"):
+        _trainer(max_skipped_steps=-1)
+    trainer = _trainer(tmp_path, max_skipped_steps=3)
+    trainer.fit(_data(), 2)
+    assert Trainer.from_checkpoint(tmp_path).max_skipped_steps == 3
