@@ -640,6 +640,7 @@ class Trainer:
                 )
             if not torch.is_floating_point(data):
                 raise TypeError(f"data must be floating point, got dtype {data.dtype}")
+            check_finite_rows("data", data)
             if labels is not None:
                 labels = torch.as_tensor(labels)
                 if labels.shape != (data.shape[0],):

@@ -99,3 +99,39 @@ def test_max_skipped_steps_is_validated_and_stored(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, max_skipped_steps=3)
     trainer.fit(_data(), 2)
     assert Trainer.from_checkpoint(tmp_path).max_skipped_steps == 3
+
+
+def test_nan_data_is_refused_naming_the_row() -> None:
+    x = _data()
+    x[17, 1] = float("nan")
+    x[40, 0] = float("inf")
+    trainer = _trainer()
+    with pytest.raises(ValueError, match=r"row 17 is the first \(2 of 256 rows\)"):
+        trainer.fit(x, 5)
+    assert trainer.step == 0
+    clean = _data(32)
+    bad = clean.clone()
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match=r"batch 3 of the iterable\) .* row 3"):
+        trainer.fit([clean, clean, bad], 5)
+
+
+def test_load_data_names_the_first_non_finite_row(tmp_path: Path) -> None:
+    from scoresde.data import load_data
+
+    x = _data(50).numpy()
+    x[12, 0] = float("inf")
+    x[30, 1] = float("nan")
+    for source in (x, torch.from_numpy(x)):
+        with pytest.raises(ValueError, match=r"row 12 is the first \(2 of 50 rows\)"):
+            load_data(source)
+    import numpy as np
+
+    np.save(tmp_path / "bad.npy", x)
+    with pytest.raises(ValueError, match="row 12"):
+        load_data(tmp_path / "bad.npy")
+    # float64 values beyond float32's range become Inf when loaded as float32: refused too.
+    big = np.ones((4, 2))
+    big[2, 1] = 1e300
+    with pytest.raises(ValueError, match="row 2"):
+        load_data(big)
