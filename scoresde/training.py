@@ -838,6 +838,7 @@ class Trainer:
                 if len(pending) == self.log_every:
                     losses += self._flush(pending, bar)
                 if self.checkpoint_dir is not None and self.step % self.checkpoint_every == 0:
+                    losses += self._flush(pending, bar)  # the history saved is complete
                     self.save()
                 if every is not None and self.step % every == 0 and self.dist.is_main:
                     callback(self)

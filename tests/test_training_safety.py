@@ -135,3 +135,22 @@ def test_load_data_names_the_first_non_finite_row(tmp_path: Path) -> None:
     big[2, 1] = 1e300
     with pytest.raises(ValueError, match="row 2"):
         load_data(big)
+
+
+def test_history_is_complete_when_ckpt_every_is_not_a_multiple_of_log_every(
+    tmp_path: Path,
+) -> None:
+    """Issue 16.5: losses still pending at a checkpoint were missing from it, so a resumed run
+    had fewer history entries than steps."""
+    trainer = _trainer(tmp_path, checkpoint_every=7, log_every=10)
+    trainer.fit(_data(), 15)
+    ckpt = read_checkpoint(tmp_path / "latest.pt")
+    assert ckpt["step"] == 15 and ckpt["history"].numel() == 15
+    # Resume from the step-14 state: interrupt-free, the history stays one entry per step.
+    trainer = _trainer(tmp_path, checkpoint_every=7, log_every=10, keep_checkpoints=True)
+    trainer.fit(_data(), 14)
+    mid = read_checkpoint(tmp_path / "step_00000007.pt")
+    assert mid["history"].numel() == 7
+    resumed = Trainer.from_checkpoint(tmp_path / "step_00000007.pt", checkpoint_dir=tmp_path)
+    resumed.fit(_data(), 13)
+    assert resumed.step == 20 and len(resumed.history) == 20
