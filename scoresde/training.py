@@ -263,6 +263,44 @@ def _atomic_save(obj: Any, path: Path) -> None:
             os.close(dir_fd)
 
 
+def _check_checkpoint_dir(path: str | os.PathLike | None) -> Path | None:
+    """checkpoint_dir must be a folder (or not exist yet): refused at once, not at the first
+    save after training ran."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a path, got {type(path).__name__}")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"checkpoint_dir {str(folder)!r} exists and is not a folder")
+    for parent in folder.parents:  # a file where a parent folder should be
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(
+                    f"checkpoint_dir {str(folder)!r}: {str(parent)!r} is a file, not a folder"
+                )
+            break
+    return folder
+
+
+# The temporary files of `_atomic_save` for latest.pt and step_XXXXXXXX.pt.
+_TEMP_PATTERNS = (f".{LATEST}.*.tmp", ".step_*.pt.*.tmp")
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files a run killed while checkpointing left in its folder
+    (only those `_atomic_save` names for latest.pt and step_XXXXXXXX.pt). Returns them."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for pattern in _TEMP_PATTERNS:
+        for tmp in folder.glob(pattern):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
 _REQUIRED_KEYS = ("step", "model", "ema", "optimizer", "scheduler", "rng", "config")
 
 
@@ -529,7 +567,7 @@ class Trainer:
         if self.ema_decay >= 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
         self.ema_warmup = bool(ema_warmup)
-        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_dir = _check_checkpoint_dir(checkpoint_dir)
         self.checkpoint_every = check_positive_int("checkpoint_every", checkpoint_every)
         self.keep_checkpoints = bool(keep_checkpoints)
         self.seed = int(seed)
@@ -546,6 +584,8 @@ class Trainer:
         self.user_config = dict(config or {})
 
         self.dist, self.device = sdist.setup(distributed, device)
+        if self.checkpoint_dir is not None and self.dist.is_main:
+            remove_stale_temp_files(self.checkpoint_dir)
         if self.batch_size % self.dist.world_size:
             raise ValueError(
                 f"batch_size ({batch_size}) must be divisible by the number of processes "

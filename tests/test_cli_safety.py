@@ -40,3 +40,14 @@ def test_diverging_train_fails_and_writes_no_nan_checkpoint(
     if latest.exists():  # a checkpoint written before the divergence must be finite
         ckpt = read_checkpoint(latest)
         assert all(torch.isfinite(t).all() for t in ckpt["ema"].values())
+
+
+def test_ckpt_dir_that_is_a_file_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    argv = ["train", "two_moons", "--steps", "100000", "--ckpt-dir", str(afile), *SMALL]
+    assert _run(argv) == 1  # (100000 steps would take minutes: refused before training)
+    assert "not a folder" in _error(capsys)
+    assert afile.read_text() == "mine"

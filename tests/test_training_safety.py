@@ -154,3 +154,24 @@ def test_history_is_complete_when_ckpt_every_is_not_a_multiple_of_log_every(
     resumed = Trainer.from_checkpoint(tmp_path / "step_00000007.pt", checkpoint_dir=tmp_path)
     resumed.fit(_data(), 13)
     assert resumed.step == 20 and len(resumed.history) == 20
+
+
+def test_stale_temp_files_of_the_run_folder_are_removed_on_start(tmp_path: Path) -> None:
+    """Issue 16.5 / 11.3: a run killed while checkpointing leaves .latest.pt.*.tmp files."""
+    stale = [tmp_path / ".latest.pt.k3j2_1x.tmp", tmp_path / ".step_00000020.pt.a8d.tmp"]
+    keep = [tmp_path / ".notes.txt.tmp", tmp_path / "latest.pt.tmp", tmp_path / "data.npy"]
+    for p in stale + keep:
+        p.write_bytes(b"x" * 100)
+    _trainer(tmp_path)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in keep)
+
+
+def test_checkpoint_dir_that_is_a_file_is_refused_at_once(tmp_path: Path) -> None:
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    with pytest.raises(ValueError, match="is not a folder"):
+        _trainer(afile)
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        _trainer(afile / "run")
+    assert afile.read_text() == "mine"
