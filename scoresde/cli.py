@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --ckpt-dir up to --steps, with its stored settings",
     )
+    _overwrite_option(p, "start a new run in a --ckpt-dir that is not empty (replacing files)")
     _common(p)
     p.set_defaults(func=_cmd_train)
 
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=None, help="samples per batch")
     p.add_argument("--out", default="samples.npz", help="output .npz (default samples.npz)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    _overwrite_option(p, "replace an existing --out file (and the PNG beside it)")
     _common(p)
     p.set_defaults(func=_cmd_sample)
 
@@ -327,6 +329,100 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- shared helpers -----------------------------------------------------------------------------
+
+
+def _overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=f"{what}; default: refuse")
+
+
+# --- not overwriting a user's files -------------------------------------------------------------
+
+# `sample` marks the .npz files it writes with this zip comment (np.load ignores it), so that
+# re-running a command may replace its own output but never a user's file of the same name.
+_SAMPLES_MARK = b"scoresde sample output"
+
+
+def _written_by_sample(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.comment.startswith(_SAMPLES_MARK)
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _check_sample_outputs(out: Path, overwrite: bool) -> None:
+    """Refuse (before any work) to replace an --out .npz, or the PNG beside it, that an
+    earlier `scoresde sample` did not write, unless --overwrite."""
+    if overwrite:
+        return
+    if out.exists() and not (out.is_file() and _written_by_sample(out)):
+        raise ValueError(
+            f"--out {str(out)!r} already exists and was not written by 'scoresde sample'; "
+            "choose another --out or pass --overwrite to replace it"
+        )
+    png = out.with_suffix(".png")
+    if png.exists() and not out.exists():
+        raise ValueError(
+            f"{str(png)!r} (the plot written beside --out) already exists; choose another "
+            "--out or pass --overwrite to replace it"
+        )
+
+
+def _save_samples_npz(out: Path, samples: Any) -> None:
+    """np.savez(out, samples=...) atomically (temp file + os.replace), with the mark of
+    `_written_by_sample`."""
+    import tempfile
+    import zipfile
+
+    import numpy as np
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, samples=samples)
+        with zipfile.ZipFile(tmp, "a") as z:
+            z.comment = _SAMPLES_MARK
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_new_run_folder(ckpt_dir: Path, overwrite: bool) -> None:
+    """A new `train` run writes into a new or empty folder; a folder holding a checkpoint is
+    continued with --resume; anything else needs --overwrite (files of the same names as
+    the run's outputs are then replaced). Stale checkpoint temp files do not count."""
+    import fnmatch
+
+    from scoresde.training import LATEST, TEMP_FILE_PATTERNS
+
+    if overwrite or not ckpt_dir.is_dir():
+        return
+    if (ckpt_dir / LATEST).exists():
+        raise ValueError(
+            f"{ckpt_dir} already holds a checkpoint; pass --resume to continue it, choose "
+            "another --ckpt-dir, or pass --overwrite to start a new run over it"
+        )
+    files = sorted(
+        p.name
+        for p in ckpt_dir.iterdir()
+        if not any(fnmatch.fnmatch(p.name, pat) for pat in TEMP_FILE_PATTERNS)
+    )
+    if files:
+        shown = ", ".join(files[:3]) + (" ..." if len(files) > 3 else "")
+        raise ValueError(
+            f"--ckpt-dir {ckpt_dir} is not empty ({shown}) and holds no scoresde checkpoint; "
+            "choose a new or empty folder, or pass --overwrite to write the run there "
+            "(replacing files of the same names)"
+        )
+
+
+def _check_ckpt_dir_is_folder(ckpt_dir: Path) -> None:
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise ValueError(f"--ckpt-dir {str(ckpt_dir)!r} is a file, not a folder")
 
 
 def _setup_torch(args: argparse.Namespace) -> Any:
@@ -678,6 +774,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     device = _setup_torch(args)
     ckpt_dir = Path(args.ckpt_dir)
     progress = not args.quiet
+    _check_ckpt_dir_is_folder(ckpt_dir)
+    if not args.resume:
+        _check_new_run_folder(ckpt_dir, args.overwrite)
     if args.resume:
         trainer = Trainer.from_checkpoint(ckpt_dir, device=device, distributed=None)
         cli = trainer.user_config.get("cli") or {}
@@ -688,11 +787,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         scaler = trainer.data_scaler
         _say(args, f"resuming at step {trainer.step} from {ckpt_dir}")
     else:
-        if (ckpt_dir / "latest.pt").exists():
-            raise ValueError(
-                f"{ckpt_dir} already holds a checkpoint; pass --resume to continue it or "
-                "choose another --ckpt-dir"
-            )
         x = _load_training_data(args)
         data_shape = tuple(x.shape[1:])
         net = args.net
@@ -775,13 +869,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     device = _setup_torch(args)
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ValueError(f"--out must name an .npz file, got {args.out!r}")
+    _check_sample_outputs(out, args.overwrite)
     model, scaler, cfg = _load_checkpoint(args.checkpoint, device, ema=not args.no_ema)
     sampler = _make_sampler(args.sampler, model.sde, args.steps, args.rtol)
     data_shape = tuple(cfg["model"]["data_shape"])
@@ -800,8 +894,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     samples = torch.cat(chunks)
     if scaler is not None:
         samples = scaler.inverse_transform(samples)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, samples=samples.numpy())
+    _save_samples_npz(out, samples.numpy())
     title = f"{args.sampler}, NFE {sampler.nfe}"
     png = _plot_samples(samples, out.with_suffix(".png"), title, scaler)
     _say(

@@ -284,7 +284,7 @@ def _check_checkpoint_dir(path: str | os.PathLike | None) -> Path | None:
 
 
 # The temporary files of `_atomic_save` for latest.pt and step_XXXXXXXX.pt.
-_TEMP_PATTERNS = (f".{LATEST}.*.tmp", ".step_*.pt.*.tmp")
+TEMP_FILE_PATTERNS = (f".{LATEST}.*.tmp", ".step_*.pt.*.tmp")
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
@@ -293,7 +293,7 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
     removed = []
     if not folder.is_dir():
         return removed
-    for pattern in _TEMP_PATTERNS:
+    for pattern in TEMP_FILE_PATTERNS:
         for tmp in folder.glob(pattern):
             with contextlib.suppress(OSError):
                 tmp.unlink()

@@ -51,3 +51,67 @@ def test_ckpt_dir_that_is_a_file_is_refused_before_training(
     assert _run(argv) == 1  # (100000 steps would take minutes: refused before training)
     assert "not a folder" in _error(capsys)
     assert afile.read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def run_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("safety") / "moons"
+    argv = ["train", "two_moons", "--ckpt-dir", str(run), "--steps", "20", "--plot-every", "0"]
+    assert _run([*argv, *SMALL]) == 0
+    return run
+
+
+def test_sample_does_not_overwrite_a_users_files(
+    run_2d: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    mine = tmp_path / "mydata.npz"
+    np.savez(mine, x=np.arange(6.0))
+    before = mine.read_bytes()
+    argv = ["sample", str(run_2d), "--steps", "3", "--num", "20", "--quiet", "--device", "cpu"]
+    assert _run([*argv, "--out", str(mine)]) == 1
+    assert "--overwrite" in _error(capsys)
+    assert mine.read_bytes() == before
+    # The plot beside --out is a user's file as well when the .npz is not there.
+    plot = tmp_path / "fresh.png"
+    plot.write_bytes(b"my picture")
+    assert _run([*argv, "--out", str(tmp_path / "fresh.npz")]) == 1
+    assert "fresh.png" in _error(capsys)
+    assert plot.read_bytes() == b"my picture" and not (tmp_path / "fresh.npz").exists()
+    # A file sample wrote itself is replaced when the command is run again.
+    out = tmp_path / "s.npz"
+    assert _run([*argv, "--out", str(out)]) == 0
+    assert _run([*argv, "--out", str(out), "--seed", "1"]) == 0
+    assert np.load(out)["samples"].shape == (20, 2)
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    # --overwrite replaces a user's file.
+    assert _run([*argv, "--out", str(mine), "--overwrite"]) == 0
+    assert list(np.load(mine)) == ["samples"]
+
+
+def test_train_does_not_write_into_a_folder_of_other_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "loss.png").write_bytes(b"my plot")
+    argv = ["train", "two_moons", "--steps", "3", "--ckpt-dir", str(folder), *SMALL]
+    assert _run(argv) == 1
+    assert "--overwrite" in _error(capsys)
+    assert (folder / "loss.png").read_bytes() == b"my plot"
+    assert not (folder / "latest.pt").exists()
+    # An empty folder (or one with only stale temp files of a killed run) is fine.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".latest.pt.abc.tmp").write_bytes(b"x")
+    assert _run(["train", "two_moons", "--steps", "3", "--ckpt-dir", str(empty), *SMALL]) == 0
+    assert read_checkpoint(empty)["step"] == 3
+    # A run folder is continued with --resume, or started over with --overwrite.
+    assert _run(["train", "two_moons", "--steps", "3", "--ckpt-dir", str(empty), *SMALL]) == 1
+    assert "--resume" in _error(capsys)
+    again = ["train", "two_moons", "--steps", "2", "--ckpt-dir", str(empty), "--overwrite"]
+    assert _run([*again, *SMALL]) == 0
+    assert read_checkpoint(empty)["step"] == 2
+    assert _run([*argv, "--overwrite"]) == 0
+    assert read_checkpoint(folder)["step"] == 3
