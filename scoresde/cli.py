@@ -1018,6 +1018,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """Ctrl-C or SIGTERM: one line on stderr; status 128 + the signal number (130 for
+    Ctrl-C). Training saves a checkpoint first (`TrainingInterrupted`) and says where."""
+    signum = getattr(exc, "signum", None)
+    if signum is None:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 saves and reports
+        return 128 + int(signum)
+    hint = "; continue it with --resume" if getattr(exc, "checkpoint", None) else ""
+    print(f"{PROG}: {exc}{hint}", file=sys.stderr)
+    return 128 + int(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `scoresde` with `argv` (default sys.argv[1:]); returns the exit status.
 
@@ -1027,9 +1041,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
     except _user_errors() as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -31,7 +31,9 @@ import contextlib
 import copy
 import math
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -56,6 +58,7 @@ __all__ = [
     "Trainer",
     "CheckpointError",
     "TrainingDivergedError",
+    "TrainingInterrupted",
     "build_sde",
     "build_model",
     "sde_config",
@@ -74,6 +77,44 @@ LATEST = "latest.pt"
 
 class CheckpointError(ValueError):
     """A file that is not a readable scoresde checkpoint, or one that does not fit the model."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """`fit` stopped on SIGINT (Ctrl-C) or SIGTERM after finishing its current step, with a
+    checkpoint saved when the Trainer has a checkpoint_dir. Attributes: `signum`, `step`,
+    `checkpoint` (the path written, or None). A KeyboardInterrupt, so an uncaught one
+    stops a script as Ctrl-C always did."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint written"
+        super().__init__(f"training interrupted by {name} at step {step}; {saved}")
+
+
+class _StopSignals:
+    """While active (in the main thread), SIGINT and SIGTERM only set `signum`, so `fit` can
+    finish the current step, save and stop; a second signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(ValueError, OSError):
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # asked twice: stop now, without saving
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 class TrainingDivergedError(NonFiniteError):
@@ -871,23 +912,43 @@ class Trainer:
         losses: list[float] = []
         pending: list[Tensor] = []
         self.model.train()
-        try:
-            for _ in range(num_steps):
-                x, y = batches.next()
-                pending.append(self._train_step(x, y, tensor_data))
-                if len(pending) == self.log_every:
-                    losses += self._flush(pending, bar)
-                if self.checkpoint_dir is not None and self.step % self.checkpoint_every == 0:
-                    losses += self._flush(pending, bar)  # the history saved is complete
-                    self.save()
-                if every is not None and self.step % every == 0 and self.dist.is_main:
-                    callback(self)
-            losses += self._flush(pending, bar)
-        finally:
-            bar.close()
+        with _StopSignals() as stop:
+            try:
+                for _ in range(num_steps):
+                    x, y = batches.next()
+                    pending.append(self._train_step(x, y, tensor_data))
+                    if len(pending) == self.log_every:
+                        losses += self._flush(pending, bar)
+                    if self.checkpoint_dir is not None and self.step % self.checkpoint_every == 0:
+                        losses += self._flush(pending, bar)  # the history saved is complete
+                        self.save()
+                    if every is not None and self.step % every == 0 and self.dist.is_main:
+                        callback(self)
+                    if self._should_stop(stop):
+                        break
+                losses += self._flush(pending, bar)
+            finally:
+                bar.close()
+        if self._should_stop(stop, end=True):
+            saved = self.save() if self.checkpoint_dir is not None else None
+            raise TrainingInterrupted(stop.signum, self.step, saved)
         if self.checkpoint_dir is not None and num_steps > 0:
             self.save()
         return losses
+
+    def _should_stop(self, stop: _StopSignals, end: bool = False) -> bool:
+        """Whether a signal asks to stop after this step (no device sync). Under torchrun
+        every rank must stop at the same step: they agree by one small all-reduce at
+        multiples of log_every and at the end of `fit`."""
+        if not self.dist.enabled:
+            return stop.signum is not None
+        if not end and self.step % self.log_every:
+            return False
+        flag = torch.tensor([float(stop.signum is not None)], device=self.device)
+        asked = bool(sdist.all_reduce_mean(flag, self.dist) > 0)
+        if asked and stop.signum is None:
+            stop.signum = int(signal.SIGTERM)  # another rank was signalled
+        return asked
 
     def _flush(self, pending: list[Tensor], bar: Any) -> list[float]:
         """Synchronise the pending step losses once (one device sync per log_every steps)."""

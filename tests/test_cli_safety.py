@@ -115,3 +115,44 @@ def test_train_does_not_write_into_a_folder_of_other_files(
     assert read_checkpoint(empty)["step"] == 2
     assert _run([*argv, "--overwrite"]) == 0
     assert read_checkpoint(folder)["step"] == 3
+
+
+def test_sigterm_during_train_saves_a_checkpoint(tmp_path: Path) -> None:
+    """Issue 16.4, through a real process: SIGTERM once the first checkpoint exists (so
+    training is surely running), then the run stops after its current step, saves it and
+    exits with 128 + 15, saying where; --resume continues it."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    argv = ["train", "two_moons", "--steps", "10000000", "--ckpt-every", "20"]
+    argv += ["--plot-every", "0", "--ckpt-dir", str(run), "--threads", "1", *SMALL]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scoresde", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "latest.pt").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    line = err.strip().splitlines()[-1]
+    assert "SIGTERM" in line and "--resume" in line, err
+    step = int(re.search(r"at step (\d+)", line).group(1))
+    ckpt = read_checkpoint(run)
+    assert ckpt["step"] == step >= 20 and ckpt["history"].numel() == step
+    assert _run(["train", "two_moons", "--steps", str(step + 2), "--ckpt-dir", str(run),
+                 "--resume", *SMALL]) == 0  # fmt: skip
+    assert read_checkpoint(run)["step"] == step + 2

@@ -175,3 +175,37 @@ def test_checkpoint_dir_that_is_a_file_is_refused_at_once(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="is a file, not a folder"):
         _trainer(afile / "run")
     assert afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_saves_a_checkpoint_and_stops_cleanly(tmp_path: Path, sig: str) -> None:
+    """Issue 16.4: Ctrl-C / SIGTERM finish the current step, save atomically and stop (a
+    real signal, sent to this process from the callback after step 14). The CLI's
+    subprocess test is in test_cli_safety.py."""
+    import os
+    import signal
+
+    from scoresde.training import TrainingInterrupted
+
+    signum = getattr(signal, sig)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    trainer = _trainer(tmp_path, checkpoint_every=10**6)
+
+    def callback(tr: Trainer) -> None:
+        if tr.step == 14:
+            os.kill(os.getpid(), signum)
+
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit(_data(), 10**6, callback=callback, callback_every=7)
+    assert info.value.signum == signum and info.value.step == trainer.step
+    assert 14 <= trainer.step < 10**6
+    assert info.value.checkpoint == tmp_path / "latest.pt"
+    assert isinstance(info.value, KeyboardInterrupt)
+    ckpt = _finite_checkpoint(tmp_path / "latest.pt")
+    assert ckpt["step"] == trainer.step and ckpt["history"].numel() == trainer.step
+    assert not list(tmp_path.glob(".*.tmp"))
+    # The handlers are restored; the trainer continues from where it stopped.
+    assert {s: signal.getsignal(s) for s in before} == before
+    resumed = Trainer.from_checkpoint(tmp_path)
+    resumed.fit(_data(), 3)
+    assert resumed.step == trainer.step + 3
