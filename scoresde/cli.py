@@ -908,6 +908,28 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 # --- likelihood ---------------------------------------------------------------------------------
 
 
+def _recorded_data(args: argparse.Namespace, stored: dict, key: str | None) -> tuple[str, Any]:
+    """No DATA argument: the data recorded in the checkpoint by `train`, said out loud (a
+    toy set is drawn afresh; a file is read again, and must still exist)."""
+    from scoresde.toy import DATASETS
+
+    source = stored.get("data")
+    if source is None:
+        raise ValueError("give the data to score: this checkpoint does not record its data")
+    key = key if key is not None else stored.get("key")
+    if source in DATASETS and not Path(source).exists():
+        what = f"fresh samples of the toy set {source!r} the model was trained on"
+    elif Path(source).exists():
+        what = f"{source!r}, the training data recorded in the checkpoint"
+    else:
+        raise FileNotFoundError(
+            f"no data given, and the training data recorded in the checkpoint, {source!r}, "
+            "does not exist (any more); give the data to score"
+        )
+    _say(args, f"no data given: scoring {what} (pass DATA to score other data)")
+    return source, key
+
+
 def _cmd_likelihood(args: argparse.Namespace) -> int:
     import torch
 
@@ -920,10 +942,7 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
     stored = ((cfg.get("user") or {}).get("cli") or {}).get("data_args") or {}
     source, key = args.data, args.key
     if source is None:  # the training data, read the way `train` read it
-        source = stored.get("data")
-        key = key if key is not None else stored.get("key")
-        if source is None:
-            raise ValueError("give the data to score: this checkpoint does not record its data")
+        source, key = _recorded_data(args, stored, key)
     # Images are resized to the training size unless --image-size says otherwise.
     image_size = args.image_size if args.image_size is not None else stored.get("image_size")
     x, _ = load_data(source, key=key, n=args.num, image_size=image_size, seed=args.seed + 1)

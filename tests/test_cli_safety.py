@@ -156,3 +156,24 @@ def test_sigterm_during_train_saves_a_checkpoint(tmp_path: Path) -> None:
     assert _run(["train", "two_moons", "--steps", str(step + 2), "--ckpt-dir", str(run),
                  "--resume", *SMALL]) == 0  # fmt: skip
     assert read_checkpoint(run)["step"] == step + 2
+
+
+def test_likelihood_without_data_says_what_it_scores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 16.5: the recorded training data was read silently."""
+    import numpy as np
+
+    points = tmp_path / "points.npy"
+    np.save(points, np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32))
+    run = tmp_path / "run"
+    argv = ["train", str(points), "--steps", "3", "--ckpt-dir", str(run), "--plot-every", "0"]
+    assert _run([*argv, *SMALL]) == 0
+    capsys.readouterr()
+    ll = ["likelihood", str(run), "--num", "4", "--quiet", "--device", "cpu"]
+    assert _run(ll) == 0
+    out = capsys.readouterr().out
+    assert "no data given: scoring" in out and str(points) in out
+    points.unlink()
+    assert _run(ll) == 1
+    assert "recorded in the checkpoint" in _error(capsys)
