@@ -546,7 +546,13 @@ def _load_checkpoint(path: str, device: Any, *, ema: bool = True) -> tuple[Any, 
     """(model on `device` in eval mode, its DataScaler or None, the checkpoint's config) from
     a file or a `scoresde train` folder. Raises FileNotFoundError / CheckpointError."""
     from scoresde.data import DataScaler
-    from scoresde.training import CheckpointError, build_model, build_sde, read_checkpoint
+    from scoresde.training import (
+        CheckpointError,
+        build_model,
+        build_sde,
+        check_spec_fits,
+        read_checkpoint,
+    )
 
     ckpt = read_checkpoint(path, map_location="cpu")
     cfg = ckpt["config"]
@@ -556,6 +562,10 @@ def _load_checkpoint(path: str, device: Any, *, ema: bool = True) -> tuple[Any, 
             f"{path!r} holds no model recipe (it was not written by 'scoresde train' or a "
             "model from scoresde.training.build_model)"
         )
+    state = ckpt["ema" if ema else "model"]
+    sde_spec = spec.get("sde")
+    if not (isinstance(sde_spec, dict) and sde_spec.get("custom")):  # (refused below)
+        check_spec_fits(spec, state, "EMA model" if ema else "model")  # before allocating
     try:
         sde_cfg = dict(spec["sde"])
         if sde_cfg.pop("custom", False):
@@ -569,7 +579,7 @@ def _load_checkpoint(path: str, device: Any, *, ema: bool = True) -> tuple[Any, 
             num_classes=spec.get("num_classes"),
             net_kwargs=spec.get("net_kwargs"),
         )
-        model.load_state_dict(ckpt["ema" if ema else "model"])
+        model.load_state_dict(state)
     except (KeyError, RuntimeError, TypeError) as err:
         raise CheckpointError(f"{path!r}: the model cannot be rebuilt ({err})") from err
     scaler = cfg.get("data_scaler")

@@ -65,6 +65,7 @@ __all__ = [
     "read_checkpoint",
     "load_model",
     "model_spec",
+    "check_spec_fits",
     "LoadedModel",
     "SDE_NAMES",
     "NET_NAMES",
@@ -259,7 +260,9 @@ def model_spec(model: nn.Module) -> dict[str, Any] | None:
     }
 
 
-def _model_from_spec(spec: dict[str, Any]) -> ScoreModel:
+def _model_from_spec(spec: dict[str, Any], *, meta: bool = False) -> ScoreModel:
+    """The model of a `build_model` spec; `meta=True` builds it on the meta device (shapes
+    only, no memory), to check a checkpoint's spec against its tensors first."""
     sde_cfg = dict(spec["sde"])
     if sde_cfg.pop("custom", False):
         raise CheckpointError(
@@ -267,16 +270,33 @@ def _model_from_spec(spec: dict[str, Any]) -> ScoreModel:
             "yourself and use trainer.load(path)"
         )
     name = sde_cfg.pop("name")
-    return build_model(
-        build_sde(name, **sde_cfg),
-        spec["net"],
-        spec["data_shape"],
-        spec["parameterization"],
-        num_classes=spec.get("num_classes"),
-        net_kwargs=spec.get("net_kwargs"),
-        seed=None,
-        scale_input=spec.get("scale_input", True),
-    )
+    sde = build_sde(name, **sde_cfg)  # (outside the meta context: the SDE's own tables)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return build_model(
+            sde,
+            spec["net"],
+            spec["data_shape"],
+            spec["parameterization"],
+            num_classes=spec.get("num_classes"),
+            net_kwargs=spec.get("net_kwargs"),
+            seed=None,
+            scale_input=spec.get("scale_input", True),
+        )
+
+
+def check_spec_fits(spec: Any, state: Any, what: str = "model") -> None:
+    """Raise CheckpointError unless the model a checkpoint's spec describes has exactly the
+    keys and shapes of its weights `state`. The model is built on the meta device, so a
+    small file cannot make the reader allocate a huge network before the check."""
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"the checkpoint's model spec is not a dict: {type(spec).__name__}")
+    try:
+        skeleton = _model_from_spec(spec, meta=True)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise CheckpointError(f"the checkpoint's model spec cannot be built: {err}") from err
+    _check_state_compatible(what, skeleton, state)
 
 
 # --- checkpoint files -------------------------------------------------------------------------
@@ -386,13 +406,17 @@ class LoadedModel(NamedTuple):
     config: dict[str, Any]
 
 
-def _rebuild_model(cfg: dict, path: str | os.PathLike, hint: str) -> ScoreModel:
-    """The ScoreModel of a checkpoint's configuration (only models made by `build_model`
-    carry the spec needed to rebuild them; `hint` says what to do otherwise)."""
+def _rebuild_model(
+    cfg: dict, path: str | os.PathLike, hint: str, state: Any, what: str
+) -> ScoreModel:
+    """The ScoreModel of a checkpoint's configuration, once its spec is checked against the
+    weights `state` (only models made by `build_model` carry the spec needed to rebuild
+    them; `hint` says what to do otherwise)."""
     if not cfg.get("model"):
         raise CheckpointError(
             f"{str(path)!r} holds no model spec (the model was not made by build_model); {hint}"
         )
+    check_spec_fits(cfg["model"], state, what)
     return _model_from_spec(cfg["model"])
 
 
@@ -403,11 +427,10 @@ def load_model(
     (`ema=True`, the ones to sample from) or its raw weights, for sampling / likelihoods."""
     ckpt = read_checkpoint(path)
     cfg = ckpt["config"]
-    model = _rebuild_model(
-        cfg, path, "build the model yourself and load_state_dict(read_checkpoint(path)['ema'])"
-    )
     state = ckpt["ema" if ema else "model"]
-    _check_state_compatible("EMA model" if ema else "model", model, state)
+    what = "EMA model" if ema else "model"
+    hint = "build the model yourself and load_state_dict(read_checkpoint(path)['ema'])"
+    model = _rebuild_model(cfg, path, hint, state, what)
     model.load_state_dict(state)
     if device is not None:
         model = model.to(device)
@@ -1096,7 +1119,8 @@ class Trainer:
         """
         ckpt = read_checkpoint(path)
         cfg = ckpt["config"]
-        model = _rebuild_model(cfg, path, "build the model yourself and call trainer.load(path)")
+        hint = "build the model yourself and call trainer.load(path)"
+        model = _rebuild_model(cfg, path, hint, ckpt["model"], "model")
         if loss is None:
             if not cfg.get("loss"):
                 raise CheckpointError(f"{str(path)!r} holds no loss config; pass loss=")

@@ -209,3 +209,46 @@ def test_a_signal_saves_a_checkpoint_and_stops_cleanly(tmp_path: Path, sig: str)
     resumed = Trainer.from_checkpoint(tmp_path)
     resumed.fit(_data(), 3)
     assert resumed.step == trainer.step + 3
+
+
+def test_a_checkpoint_spec_is_checked_against_its_tensors_before_building(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 16.5: a small file asking for hidden=2048 made the reader allocate the big
+    network before noticing that the weights do not fit. Now the spec is built on the meta
+    device (no memory) and compared first, in load_model, from_checkpoint and the CLI."""
+    import scoresde.training as training
+    from scoresde.cli import main
+    from scoresde.training import CheckpointError, load_model
+
+    trainer = _trainer()
+    path = tmp_path / "small.pt"
+    trainer.save(path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["model"]["net_kwargs"]["hidden"] = 2048
+    torch.save(ckpt, tmp_path / "lying.pt")
+
+    devices: list[str] = []
+    real = training.build_model
+
+    def spy(*args, **kwargs):
+        devices.append(torch.empty(0).device.type)  # the default device while building
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "build_model", spy)
+    load_model(path)
+    assert devices == ["meta", "cpu"]  # checked, then built
+    for load in (load_model, Trainer.from_checkpoint):
+        devices.clear()
+        with pytest.raises(CheckpointError, match=r"shape mismatch .*2048"):
+            load(tmp_path / "lying.pt")
+        assert devices == ["meta"]
+    devices.clear()
+    assert main(["sample", str(tmp_path / "lying.pt"), "--out", str(tmp_path / "s.npz")]) == 1
+    assert "does not fit" in capsys.readouterr().err
+    assert devices == ["meta"]
+    # A spec that is not even buildable is a CheckpointError too, not a traceback.
+    ckpt["config"]["model"]["net_kwargs"] = {"no_such_option": 1}
+    torch.save(ckpt, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="cannot be built"):
+        load_model(tmp_path / "odd.pt")
