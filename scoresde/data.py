@@ -88,18 +88,38 @@ def _to_labels(name: str, labels: Any, n: int) -> Tensor:
     return y
 
 
+class _KeyChoiceError(ValueError):
+    """A key that the file does not hold (reported as it is by `_read_file`)."""
+
+
+def _read_file(path: Path, what: str, read: Any) -> Any:
+    """read(), with a corrupt or unreadable file reported as one ValueError naming it
+    (np.load and torch.load raise UnpicklingError, BadZipFile, RuntimeError, ...)."""
+    try:
+        return read()
+    except (_KeyChoiceError, FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # already clear: a wrong key, a missing file, ...
+    except Exception as err:
+        text = str(err).strip()
+        first = text.splitlines()[0].split(". ")[0] if text else ""
+        raise ValueError(
+            f"{str(path)!r} is not {what} that can be read (corrupt, truncated or another "
+            f"format): {type(err).__name__}{': ' + first[:200] if first else ''}"
+        ) from err
+
+
 def _load_npz(path: Path, key: str | None, labels_key: str | None) -> tuple[Any, Any]:
     with np.load(path, allow_pickle=False) as f:
         keys = list(f.keys())
         if key is None:
             if len(keys) != 1:
-                raise ValueError(
+                raise _KeyChoiceError(
                     f"key must name the array to load from {path} (it holds {keys}), got None"
                 )
             key = keys[0]
         for k, what in ((key, "key"), (labels_key, "labels_key")):
             if k is not None and k not in keys:
-                raise ValueError(f"{what} {k!r} is not in {path}; available keys: {keys}")
+                raise _KeyChoiceError(f"{what} {k!r} is not in {path}; available keys: {keys}")
         return f[key], (None if labels_key is None else f[labels_key])
 
 
@@ -198,11 +218,15 @@ def load_data(
         elif suffix == ".npy":
             if key is not None:
                 raise ValueError(f"key is only used for .npz/.pt files, got key={key!r} for {path}")
-            x = np.load(path, allow_pickle=False)
+            x = _read_file(path, "a .npy array", lambda: np.load(path, allow_pickle=False))
         elif suffix == ".npz":
-            x, y = _load_npz(path, key, labels_key)
+            x, y = _read_file(path, "an .npz archive", lambda: _load_npz(path, key, labels_key))
         elif suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _read_file(
+                path,
+                "a torch file of tensors",
+                lambda: torch.load(path, map_location="cpu", weights_only=True),
+            )
             if isinstance(obj, dict):
                 keys = list(obj)
                 if key is None or key not in obj:

@@ -177,3 +177,23 @@ def test_likelihood_without_data_says_what_it_scores(
     points.unlink()
     assert _run(ll) == 1
     assert "recorded in the checkpoint" in _error(capsys)
+
+
+@pytest.mark.parametrize("kind", ["random.pt", "truncated.pt", "random.npy", "random.npz"])
+def test_a_corrupt_data_file_is_one_line(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 16.5: a corrupt .pt printed a full traceback (UnpicklingError, BadZipFile...)."""
+    from scoresde.data import load_data
+
+    path = tmp_path / kind
+    if kind == "truncated.pt":
+        torch.save({"x": torch.randn(500, 2)}, path)
+        path.write_bytes(path.read_bytes()[:700])
+    else:
+        path.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(ValueError, match="corrupt, truncated or another format"):
+        load_data(path, key="x" if kind.endswith(".pt") else None)
+    argv = ["train", str(path), "--steps", "1", "--ckpt-dir", str(tmp_path / "run"), *SMALL]
+    assert _run(argv) == 1
+    assert kind in _error(capsys)
