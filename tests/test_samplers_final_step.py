@@ -78,3 +78,21 @@ def test_a_callback_replacing_x_by_nan_at_the_end_is_reported() -> None:
 
     with pytest.raises(NonFiniteError, match="returned samples"):
         sampler.sample(GM.score_fn(VPSDE()), (4, 2), callback=callback)
+
+
+@pytest.mark.parametrize("name", ["pc", "ode_heun_denoise", "adaptive_defaults", "dpm_denoise"])
+def test_a_float64_score_does_not_turn_a_float32_run_into_float64(name) -> None:
+    sampler = _samplers(VPSDE())[name]
+    score64 = GM.score_fn(VPSDE())
+
+    def wide(x, t):
+        return score64(x.double(), t.double())
+
+    x = sampler.sample(wide, (8, 2), generator=torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32
+    same = sampler.sample(
+        lambda x, t: wide(x, t).float(), (8, 2), generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(x, same)
+    with pytest.raises(TypeError, match="floating"):
+        sampler.sample(lambda x, t: torch.ones_like(x, dtype=torch.int64), (8, 2))

@@ -40,7 +40,8 @@ class NonFiniteError(FloatingPointError):
 
 
 class CountedScore:
-    """Wraps a score_fn: broadcasts t, counts NFE, checks the output's shape."""
+    """Wraps a score_fn: broadcasts t, counts NFE, checks the output's shape and casts it to
+    x's dtype (a score computed in float64 does not turn a float32 run into float64)."""
 
     def __init__(self, score_fn: ScoreFn) -> None:
         if not callable(score_fn):
@@ -58,6 +59,10 @@ class CountedScore:
             raise ValueError(
                 f"score_fn must return a tensor shaped like x {tuple(x.shape)}, got {got}"
             )
+        if out.dtype != x.dtype:  # e.g. a float64 score in a float32 run: the run keeps x's
+            if not out.is_floating_point():
+                raise TypeError(f"score_fn must return a floating tensor, got dtype {out.dtype}")
+            out = out.to(x.dtype)
         return out
 
 
