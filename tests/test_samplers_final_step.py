@@ -96,3 +96,11 @@ def test_a_float64_score_does_not_turn_a_float32_run_into_float64(name) -> None:
     assert torch.equal(x, same)
     with pytest.raises(TypeError, match="floating"):
         sampler.sample(lambda x, t: torch.ones_like(x, dtype=torch.int64), (8, 2))
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, "False"])
+def test_batch_invariant_must_be_a_bool(value) -> None:
+    with pytest.raises(TypeError, match=r"batch_invariant must be a bool.*got"):
+        DDIMSampler(VPSDE(), num_steps=2).sample(
+            GM.score_fn(VPSDE()), (4, 2), batch_invariant=value
+        )

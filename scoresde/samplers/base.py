@@ -24,6 +24,7 @@ import torch
 
 from scoresde._validation import (
     broadcast_time,
+    check_bool,
     check_data,
     check_shape,
     resolve_device_dtype,
@@ -307,6 +308,7 @@ class Sampler(abc.ABC):
                 10 or 10,000 (for the same generator seed).
         """
         score = CountedScore(score_fn)
+        batch_invariant = check_bool("batch_invariant", batch_invariant)
         if x_init is not None:
             check_data("x_init", x_init)
             shape = tuple(x_init.shape)
