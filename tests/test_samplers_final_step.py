@@ -104,3 +104,27 @@ def test_batch_invariant_must_be_a_bool(value) -> None:
         DDIMSampler(VPSDE(), num_steps=2).sample(
             GM.score_fn(VPSDE()), (4, 2), batch_invariant=value
         )
+
+
+def test_pc_with_langevin_warns_that_it_is_not_batch_invariant() -> None:
+    """Issue 16.5: docs/solvers.md said every sampler is batch-invariant; PC's Langevin step
+    averages norms over the batch. It says so (warning + docs); "ald" is invariant."""
+    from scoresde.samplers.pc import BatchDependenceWarning
+
+    score = GM.score_fn(VPSDE())
+    pc = PCSampler(VPSDE(), num_steps=30)
+
+    def draw(sampler, n):
+        gen = torch.Generator().manual_seed(3)
+        return sampler.sample(score, (n, 2), generator=gen, batch_invariant=True)
+
+    with pytest.warns(BatchDependenceWarning, match="corrector='ald'"):
+        small, large = draw(pc, 4), draw(pc, 64)
+    assert not torch.allclose(small, large[:4])  # the claim the warning makes
+    import warnings
+
+    ald = PCSampler(VPSDE(), corrector="ald", num_steps=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(draw(ald, 4), draw(ald, 64)[:4])
+        pc.sample(score, (4, 2))  # no promise of invariance, no warning

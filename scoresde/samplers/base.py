@@ -231,6 +231,7 @@ class SamplingContext:
         self.progress = progress
         self.desc = desc
         self.last_step: int | None = None  # the latest step seen by after_step
+        self.batch_invariant = False  # whether the run promised batch-invariant samples
         self._bar: Any = None
 
     def randn_like(self, x: Tensor) -> Tensor:
@@ -326,6 +327,7 @@ class Sampler(abc.ABC):
             x = x_init.detach().clone()
         guard = NonFiniteGuard(device)
         ctx = SamplingContext(score, noise, guard, callback, progress, type(self).__name__)
+        ctx.batch_invariant = batch_invariant
         try:
             with torch.no_grad():
                 x = self._sample(ctx, x)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -66,7 +67,13 @@ __all__ = [
     "AnnealedLangevinCorrector",
     "PREDICTORS",
     "CORRECTORS",
+    "BatchDependenceWarning",
 ]
+
+
+class BatchDependenceWarning(UserWarning):
+    """`batch_invariant=True` was asked of a sampler setting whose samples depend on the
+    batch (PC with the Langevin corrector)."""
 
 
 # --- the chain of an SDE with a given number of steps ----------------------------------------
@@ -295,7 +302,9 @@ class LangevinCorrector(Corrector):
     As in the reference, ||z|| and ||s|| are per-sample norms over all non-batch dimensions
     averaged over the batch, so one step size serves the whole batch. (A per-sample step
     size is not offered: in low dimensions a sample near a mode has ||s|| ~ 0 and its step
-    explodes; on the 2-D benchmark mixture it gave NLL ~ 10 instead of 1.26.)
+    explodes; on the 2-D benchmark mixture it gave NLL ~ 10 instead of 1.26.) The samples
+    therefore depend on the batch they are drawn in, even with `batch_invariant=True`
+    (which warns); the "ald" corrector's step depends on t only.
     """
 
     def prepare(self, pc: PCContext) -> None:
@@ -403,7 +412,8 @@ class PCSampler(Sampler):
 
     NFE = num_steps * (1 [predictor] + n_steps [corrector]). The Langevin step size is
     shared by the batch (as in the reference), so `batch_invariant=True` makes PC sampling
-    batch-invariant only with the "ald" corrector or none.
+    batch-invariant only with the "ald" corrector or none; with "langevin" it warns
+    (`BatchDependenceWarning`).
     """
 
     def __init__(
@@ -456,6 +466,15 @@ class PCSampler(Sampler):
             )
 
     def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
+        if ctx.batch_invariant and isinstance(self.corrector, LangevinCorrector):
+            warnings.warn(
+                "PCSampler with the Langevin corrector is not batch-invariant: its step size "
+                "uses norms averaged over the batch (as in Song et al.), so sample i depends "
+                "on the batch even with batch_invariant=True; use corrector='ald' or None "
+                "for batch-invariant PC samples",
+                BatchDependenceWarning,
+                stacklevel=3,
+            )
         sde = self._chain
         times = torch.linspace(sde.T, self.eps, self.num_steps, dtype=torch.float64)
         pc = PCContext(ctx, sde, times, self.probability_flow)
