@@ -816,6 +816,8 @@ class Trainer:
         norm = None
         if self.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+        elif self.max_skipped_steps:  # the norm only (all-reduced grads: the same on all ranks)
+            norm = torch.nn.utils.clip_grad_norm_(self._params, float("inf"))
         if self.max_skipped_steps and self._skip_nonfinite_step(value, norm):
             return torch.full_like(value.detach(), float("nan"))
         if self._scaler is not None:

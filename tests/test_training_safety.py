@@ -252,3 +252,19 @@ def test_a_checkpoint_spec_is_checked_against_its_tensors_before_building(
     torch.save(ckpt, tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match="cannot be built"):
         load_model(tmp_path / "odd.pt")
+
+
+def test_skipping_also_catches_non_finite_gradients_without_clipping() -> None:
+    trainer = _trainer(max_skipped_steps=1, grad_clip=None)
+    trainer.fit(_data(), 2)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+
+    def nan_grad_loss(model, x, generator=None, **kw):
+        """1.0, with NaN gradients: d sqrt(u)/du = inf at u = 0, times du/dp = 0."""
+        return torch.sqrt(next(model.parameters()).sum() * 0.0) + 1.0
+
+    trainer.loss = nan_grad_loss
+    trainer.fit(_data(), 1)
+    assert trainer.step == 3 and trainer.history[-1] != trainer.history[-1]  # skipped: NaN
+    for p, q in zip(before, trainer.model.parameters(), strict=True):
+        assert torch.equal(p, q)
