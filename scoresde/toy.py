@@ -226,6 +226,84 @@ class GaussianMixture:
 
         return eps_fn
 
+    def _known_index(self, known_index: Any) -> tuple[Tensor, Tensor]:
+        """(known, unknown) coordinate indices `[m]`, `[D - m]` from indices or a bool mask."""
+        idx = torch.as_tensor(known_index).detach().cpu()
+        if idx.dtype == torch.bool:
+            if idx.shape != (self.dim,):
+                raise ValueError(
+                    f"known_index as a bool mask must have shape [D={self.dim}], "
+                    f"got {tuple(idx.shape)}"
+                )
+            idx = idx.nonzero()[:, 0]
+        elif idx.dtype.is_floating_point or idx.ndim > 1:
+            raise TypeError(
+                f"known_index must be a sequence of int indices or a bool mask [D], got "
+                f"{known_index!r}"
+            )
+        idx = idx.reshape(-1).long()
+        if ((idx < 0) | (idx >= self.dim)).any() or idx.unique().numel() != idx.numel():
+            raise ValueError(
+                f"known_index must hold distinct indices in [0, {self.dim}), got {idx.tolist()}"
+            )
+        if idx.numel() == 0 or idx.numel() == self.dim:
+            raise ValueError(
+                f"known_index must name between 1 and D - 1 = {self.dim - 1} coordinates, "
+                f"got {idx.numel()}"
+            )
+        idx = idx.sort().values
+        keep = torch.ones(self.dim, dtype=torch.bool)
+        keep[idx] = False
+        return idx, keep.nonzero()[:, 0]
+
+    def conditional(self, known_index: Any, values: Any) -> GaussianMixture | list[GaussianMixture]:
+        """The closed-form conditional p(x_U | x_M = values) of the unknown coordinates U
+        given the known ones M: again a Gaussian mixture, with (Schur complements)
+
+            w_k'  ~ w_k N(values; mu_kM, S_kMM),
+            mu_k' = mu_kU + S_kUM S_kMM^-1 (values - mu_kM),
+            S_k'  = S_kUU - S_kUM S_kMM^-1 S_kMU.
+
+        Args:
+            known_index: the known coordinates M: a sequence of distinct indices in [0, D)
+                (any order; `values` follows the same order) or a bool mask `[D]`.
+            values: `[m]` (one conditioning vector) or `[B, m]` (a batch), m = |M|.
+
+        Returns:
+            A `GaussianMixture` over the D - m unknown coordinates (in increasing index
+            order) for `[m]` values, a list of B of them for `[B, m]`.
+        """
+        order = torch.as_tensor(known_index).detach().cpu()
+        known, unknown = self._known_index(known_index)
+        y = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+        if y.ndim not in (1, 2) or y.shape[-1] != known.numel():
+            raise ValueError(
+                f"values must have shape [m] or [B, m] with m = {known.numel()} known "
+                f"coordinates, got {tuple(y.shape)}"
+            )
+        if order.dtype != torch.bool:  # values follow the user's order; `known` is sorted
+            y = y[..., torch.argsort(order.reshape(-1).long())]
+        if not torch.isfinite(y).all():
+            raise ValueError("values must be finite")
+        batch = y.reshape(-1, known.numel())  # [B, m]
+        mu, cov = self.means, self.covs
+        s_mm = cov[:, known][:, :, known]  # [K, m, m]
+        s_um = cov[:, unknown][:, :, known]  # [K, u, m]
+        s_uu = cov[:, unknown][:, :, unknown]  # [K, u, u]
+        chol = torch.linalg.cholesky(s_mm)
+        gain = torch.cholesky_solve(s_um.transpose(-1, -2), chol).transpose(-1, -2)  # [K, u, m]
+        cond_cov = s_uu - gain @ s_um.transpose(-1, -2)
+        cond_cov = 0.5 * (cond_cov + cond_cov.transpose(-1, -2))
+        diff = batch[:, None, :] - mu[None, :, known]  # [B, K, m]
+        # log N(y; mu_M, S_MM) through the Cholesky factor: |L^-1 d|^2 and log det.
+        white = torch.linalg.solve_triangular(chol[None], diff[..., None], upper=False)[..., 0]
+        log_det = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # [K]
+        log_like = -0.5 * ((white**2).sum(-1) + log_det + known.numel() * math.log(2 * math.pi))
+        log_w = torch.log_softmax(self.weights.log()[None] + log_like, dim=1)  # [B, K]
+        means = mu[None, :, unknown] + torch.einsum("kum,bkm->bku", gain, diff)  # [B, K, u]
+        out = [GaussianMixture(log_w[b].exp(), means[b], cond_cov) for b in range(batch.shape[0])]
+        return out[0] if y.ndim == 1 else out
+
     def __repr__(self) -> str:
         return f"GaussianMixture(K={self.num_components}, D={self.dim})"
 

@@ -298,3 +298,71 @@ def test_score_follows_x_device():
             assert gm.score_fn(sde)(x, t).device.type == "meta"
             assert gm.log_prob_fn(sde)(x, t).device.type == "meta"
     assert gm.log_prob(x).device.type == "meta"
+
+
+# --- conditional mixtures --------------------------------------------------------------------
+
+
+def test_conditional_2d_against_numerical_integration():
+    """p(x1 | x0 = v) of the benchmark mixture: weights, mean and std against a fine grid
+    integral of the joint density; the issue's numbers (x0 = 1.5: mean 0.98, std 0.52)."""
+    gm = benchmark_mixture_2d()
+    for v in (-1.0, 0.3, 1.5):
+        cond = gm.conditional([0], torch.tensor([v]))
+        assert cond.dim == 1 and cond.num_components == 3
+        grid = torch.linspace(-8, 8, 40001, dtype=F64)
+        joint = gm.log_prob(torch.stack([torch.full_like(grid, v), grid], 1)).exp()
+        dens = joint / torch.trapezoid(joint, grid)
+        mean = torch.trapezoid(dens * grid, grid)
+        var = torch.trapezoid(dens * (grid - mean) ** 2, grid)
+        torch.testing.assert_close(cond.mean()[0], mean, rtol=0, atol=1e-8)
+        torch.testing.assert_close(cond.covariance()[0, 0], var, rtol=1e-7, atol=0)
+        torch.testing.assert_close(cond.log_prob(grid[:, None]).exp(), dens, rtol=1e-6, atol=1e-9)
+    cond = gm.conditional([0], [1.5])
+    assert abs(float(cond.mean()[0]) - 0.98) < 0.005
+    assert abs(float(cond.covariance()[0, 0].sqrt()) - 0.52) < 0.005
+
+
+def test_conditional_is_bayes_rule_in_high_dim_and_batches():
+    """log p(x_U | x_M = y) + log p_M(y) = log p(x) for random points of a random 10-D mixture
+    (half of the coordinates known, in a shuffled order); a batch of values gives the same
+    mixtures as one call per row; the conditional's samples have its moments."""
+    gm = random_mixture(10, 5, seed=7)
+    g = torch.Generator().manual_seed(0)
+    known = [7, 1, 4, 8, 2]
+    unknown = [0, 3, 5, 6, 9]
+    x = gm.sample(6, generator=g, dtype=F64)
+    conds = gm.conditional(known, x[:, known])
+    assert isinstance(conds, list) and len(conds) == 6
+    marg = GaussianMixture(gm.weights, gm.means[:, known], gm.covs[:, known][:, :, known])
+    for i, cond in enumerate(conds):
+        pts = x[i : i + 1].repeat(20, 1)
+        pts[:, unknown] += 0.5 * torch.randn(20, 5, generator=g, dtype=F64)
+        lhs = cond.log_prob(pts[:, unknown]) + marg.log_prob(x[i : i + 1, known])
+        torch.testing.assert_close(lhs, reference_log_prob(gm, pts), rtol=1e-9, atol=1e-9)
+        one = gm.conditional(known, x[i, known])
+        torch.testing.assert_close(one.weights, cond.weights)
+        torch.testing.assert_close(one.means, cond.means)
+    # The same mask as a bool tensor (values then in increasing index order).
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[known] = True
+    by_mask = gm.conditional(mask, x[0, mask])
+    torch.testing.assert_close(by_mask.means, conds[0].means)
+    s = conds[0].sample(40000, generator=g, dtype=F64)
+    torch.testing.assert_close(s.mean(0), conds[0].mean(), rtol=0, atol=0.02)
+
+
+@pytest.mark.parametrize(
+    "known, values, exc, match",
+    [
+        ([0, 0], [1.0, 1.0], ValueError, "distinct"),
+        ([5], [1.0], ValueError, "distinct indices"),
+        ([0, 1], [1.0, 1.0], ValueError, "between 1 and"),
+        ([0], [1.0, 2.0], ValueError, "values must have shape"),
+        ([0.5], [1.0], TypeError, "known_index"),
+        ([0], [float("nan")], ValueError, "finite"),
+    ],
+)
+def test_conditional_bad_arguments(known, values, exc, match):
+    with pytest.raises(exc, match=match):
+        benchmark_mixture_2d().conditional(known, values)
