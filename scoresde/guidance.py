@@ -12,7 +12,12 @@ conditional distribution, or steer a sampler, without retraining:
   with any sampler, by replacing the known coordinates after every step with the known data
   pushed through the forward SDE to the current time (Song et al. 2021, appendix I.2);
   `pc_inpaint` is Song et al.'s PC inpainter (a replacement after every predictor and every
-  corrector step).
+  corrector step). `inpaint(..., method="smc")` is an asymptotically exact alternative, the
+  twisted diffusion sampler (Wu et al. 2023): particles with weights that sample the true
+  conditional p(x_unknown | x_known) as their number grows; `method="repaint"` is
+  replacement with RePaint's resampling jumps (Lugmayr et al. 2022);
+- `smc_sample(sampler, score_fn, log_likelihood_fn, shape)`: the same twisted SMC for
+  guidance by any likelihood, e.g. an exact classifier, sampling p(x) p(y | x) / p(y).
 
 Shapes: data `x` is `[B, *D]`; time `t` is `[B]`; labels `y` are `[B]` integer tensors.
 """
@@ -26,7 +31,26 @@ from typing import Any
 
 import torch
 
-from scoresde._validation import broadcast_time, check_choice, check_data, expand_like
+from scoresde._smc import (
+    ConditionalInfo,
+    EndEstimate,
+    InpaintTwist,
+    LikelihoodTwist,
+    ParticleFilter,
+    Transition,
+    gaussian_transitions,
+)
+from scoresde._validation import (
+    broadcast_time,
+    check_bool,
+    check_choice,
+    check_data,
+    check_positive,
+    check_positive_int,
+    check_shape,
+    expand_like,
+    resolve_device_dtype,
+)
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
@@ -38,7 +62,10 @@ __all__ = [
     "classifier_log_prob",
     "inpaint",
     "pc_inpaint",
+    "smc_sample",
+    "ConditionalInfo",
     "KNOWN_NOISE",
+    "INPAINT_METHODS",
 ]
 
 
@@ -218,6 +245,8 @@ def classifier_log_prob(
 # --- imputation / inpainting -----------------------------------------------------------------
 
 KNOWN_NOISE = ("fresh", "fixed", "mean")
+INPAINT_METHODS = ("replace", "smc", "repaint")
+TWIST_GRADIENTS = ("autograd", "stop")
 
 
 def _check_mask(mask: Any, x_known: Tensor) -> Tensor:
@@ -382,14 +411,25 @@ def inpaint(
     x_known: Tensor,
     mask: Tensor,
     *,
+    method: str = "replace",
+    particles: int | None = None,
     generator: torch.Generator | None = None,
     known_noise: str = "fresh",
     x_init: Tensor | None = None,
     progress: bool = False,
     callback: Callable[[int, Any, Tensor], Tensor | None] | None = None,
-) -> Tensor:
-    """Impute the unknown coordinates of x with any scoresde sampler (the replacement method,
-    Song et al. 2021, appendix I.2).
+    return_info: bool = False,
+    ess_threshold: float = 0.5,
+    twist_gradient: str = "autograd",
+    data_std: float = 1.0,
+    jump_length: int = 10,
+    jump_n_sample: int = 10,
+) -> Tensor | tuple[Tensor, ConditionalInfo]:
+    """Impute the unknown coordinates of x with a scoresde sampler: replacement (the
+    default, Song et al. 2021, appendix I.2), asymptotically exact twisted SMC
+    (`method="smc"`, below) or RePaint's resampling jumps (`method="repaint"`).
+
+    **method="replace"** (behaviour unchanged):
 
     The sampler runs unchanged; after every step, at the time t it reached, the known
     coordinates are replaced by the known data pushed through the forward SDE,
@@ -426,26 +466,331 @@ def inpaint(
     Randomness: the sampler's noise and z both come from `generator` (same seed, same output),
     which must be on x_known's device.
 
+    **method="smc"**: the twisted diffusion sampler (Wu et al. 2023; see docs/conditional.md).
+    Each row of x_known is one conditioning item; it gets `particles` = K particles (default
+    16), run together as one batch of B K rows, that follow the sampler's own Gaussian
+    steps twisted towards the data (proposal mean shifted by c^2 grad log p~_t(y | x_t),
+    p~_t(y | x_t) = N(y; mask * x0_hat(x_t), r_t^2), r_t^2 = d^2 sbar^2 / (d^2 + sbar^2),
+    sbar = sigma(t) / alpha(t), d = `data_std`), are weighted by the exact ratio of the
+    chain's transition to the proposal, and are resampled (systematic) when an item's
+    effective sample size falls below `ess_threshold * K`. The last step sets x[mask] =
+    x_known and weighs each particle by the transition density of x_known. The weights
+    correct any twist error, so as K grows the weighted particles sample the sampler's own
+    chain conditioned on x[mask] = x_known: the true conditional up to the sampler's
+    discretization error (with an exact score). The sampler's `denoise` is not applied (the
+    condition is put on its last noisy state, at t = eps). One particle per item, drawn by
+    weight, is returned; `return_info=True` also gives all particles and their weights.
+    Samplers: `EulerMaruyamaSampler`, `PCSampler` with the "euler_maruyama",
+    "reverse_diffusion" or "ancestral" predictor and corrector None or "ald", and
+    `DDIMSampler` with eta > 0 (steps with a Gaussian density); others raise ValueError.
+    Cost: one NFE per step on B K rows, plus one backward pass through score_fn for the
+    twist's gradient (`twist_gradient="autograd"`; "stop" treats the score as constant,
+    i.e. grad x0_hat = I / alpha, no backward pass and the weights still exact, but more
+    resampling). score_fn must be differentiable in x: a network in eval mode is called
+    with grad enabled.
+
+    **method="repaint"**: replacement with RePaint's resampling (Lugmayr et al. 2022): on the
+    sampler's Gaussian steps (same samplers as "smc"), after every `jump_length` steps the
+    state is pushed back `jump_length` steps through the forward SDE and denoised again,
+    `jump_n_sample - 1` times. NFE ~ num_steps * jump_n_sample. It harmonizes the known
+    and unknown coordinates better than replacement but is not exact.
+
     Args:
         sampler: a `scoresde.samplers.Sampler` (PC, Euler–Maruyama, ODE, DDIM, DPM-Solver,
             EDM, adaptive, ...).
         score_fn: the unconditional score s(x `[B, *D]`, t `[B]`).
         x_known: `[B, *D]` data whose masked coordinates are known (others are ignored).
         mask: bool or 0/1 tensor broadcastable to x_known; True/1 marks a known coordinate.
-        generator, progress: passed to the sampler.
-        known_noise: "fresh", "fixed" or "mean" (above).
-        x_init: the x_T to start from (its known coordinates are replaced too).
+        method: "replace", "smc" or "repaint" (above).
+        particles: SMC particles per row of x_known (default 16); only for "smc".
+        generator, progress: passed to the sampler (SMC: the only source of its randomness).
+        known_noise: "fresh", "fixed" or "mean" (above; "replace" and "repaint").
+        x_init: the x_T to start from (its known coordinates are replaced too); "replace" and
+            "repaint".
         callback: the user's `callback(step, t, x)`, run after the replacement; it may return
-            a replacement x.
+            a replacement x. "replace" only.
+        return_info: also return a `ConditionalInfo` (NFE; for SMC the effective sample size
+            per step, resampling steps, log-evidence estimate, all particles and weights).
+        ess_threshold: SMC resamples an item when its ESS < ess_threshold * K (in [0, 1];
+            1 resamples at every step, 0 never).
+        twist_gradient: "autograd" (through score_fn) or "stop" (above).
+        data_std: d in the twist variance r_t (the data's scale; 1 for data in [-1, 1]).
+        jump_length, jump_n_sample: RePaint's j and r.
 
     Returns:
-        `[B, *D]` samples with x[mask] = x_known[mask].
+        `[B, *D]` samples with x[mask] = x_known[mask]; with `return_info=True` the tuple
+        (samples, info).
     """
+    check_choice("method", method, INPAINT_METHODS)
+    check_bool("return_info", return_info)
     sde = _check_sampler(sampler)
-    replace = _prepare_inpainting(sde, x_known, mask, known_noise, generator)
-    return _run_inpainting(
-        sampler, score_fn, replace, x_init, generator, progress, callback, replace_after_step=True
+    if method != "smc" and particles is not None:
+        raise ValueError(f"particles is only used by method='smc', got particles={particles!r}")
+    if method != "replace" and callback is not None:
+        raise ValueError(f"callback is only supported by method='replace', not {method!r}")
+    if method == "smc":
+        if x_init is not None:
+            raise ValueError("x_init is not supported by method='smc' (particles start at x_T)")
+        out, info = _smc_inpaint(
+            sampler,
+            score_fn,
+            x_known,
+            mask,
+            particles=16 if particles is None else particles,
+            generator=generator,
+            ess_threshold=ess_threshold,
+            twist_gradient=twist_gradient,
+            data_std=data_std,
+            progress=progress,
+        )
+    else:
+        replace = _prepare_inpainting(sde, x_known, mask, known_noise, generator)
+        if method == "repaint":
+            out = _repaint(
+                sampler, score_fn, replace, x_init, generator, jump_length, jump_n_sample
+            )
+        else:
+            out = _run_inpainting(
+                sampler,
+                score_fn,
+                replace,
+                x_init,
+                generator,
+                progress,
+                callback,
+                replace_after_step=True,
+            )
+        info = ConditionalInfo(method=method, nfe=sampler.nfe)
+    return (out, info) if return_info else out
+
+
+def _check_smc_args(particles: Any, ess_threshold: Any, twist_gradient: Any) -> tuple[int, float]:
+    particles = check_positive_int("particles", particles)
+    ess_threshold = check_positive("ess_threshold", ess_threshold, allow_zero=True)
+    if ess_threshold > 1.0:
+        raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold!r}")
+    check_choice("twist_gradient", twist_gradient, TWIST_GRADIENTS)
+    return particles, ess_threshold
+
+
+def _check_generator(generator: Any) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def _smc_inpaint(
+    sampler: Any,
+    score_fn: ScoreFn,
+    x_known: Any,
+    mask: Any,
+    *,
+    particles: Any,
+    generator: torch.Generator | None,
+    ess_threshold: Any,
+    twist_gradient: str,
+    data_std: Any,
+    progress: bool,
+) -> tuple[Tensor, ConditionalInfo]:
+    check_data("x_known", x_known)
+    _check_generator(generator)
+    particles, ess_threshold = _check_smc_args(particles, ess_threshold, twist_gradient)
+    data_std = check_positive("data_std", data_std)
+    mask = _check_mask(mask, x_known)
+    transitions = gaussian_transitions(sampler)
+    B, K = x_known.shape[0], particles
+    x_known = x_known.detach()
+    y = x_known.repeat_interleave(K, 0)  # item b's particles are rows b K .. b K + K - 1
+    full_mask = mask.expand(x_known.shape).repeat_interleave(K, 0)
+    twist = InpaintTwist(EndEstimate(sampler.sde, transitions[-1].t_next, data_std), y, full_mask)
+    pf = ParticleFilter(
+        transitions,
+        score_fn,
+        twist,
+        batch=B,
+        particles=K,
+        generator=generator,
+        ess_threshold=ess_threshold,
+        twist_gradient=twist_gradient,
+        progress=progress,
     )
+    x_T = sampler.sde.prior_sampling(
+        tuple(y.shape), generator=generator, device=x_known.device, dtype=x_known.dtype
+    )
+    try:
+        x, log_w, info = pf.run(x_T)
+    finally:
+        sampler.nfe = pf.score.nfe
+    out = pf.select(x, log_w)
+    info.particles = x.reshape(B, K, *x.shape[1:])
+    info.log_weights = log_w
+    return torch.where(mask, x_known, out), info
+
+
+def _renoise(sde: SDE, x: Tensor, t_from: float, t_to: float, z: Tensor) -> Tensor:
+    """A draw of the forward SDE's transition from t_from to t_to > t_from."""
+    tt = torch.tensor([t_from, t_to], dtype=torch.float64)
+    (a_from, a_to), (s_from, s_to) = sde.alpha(tt).tolist(), sde.sigma(tt).tolist()
+    ratio = a_to / a_from
+    return x * ratio + math.sqrt(max(s_to**2 - (ratio * s_from) ** 2, 0.0)) * z
+
+
+def repaint_schedule(num_steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
+    """RePaint's walk over the step positions 0 (x_T) .. num_steps (the end): +1 is a
+    denoising step, -1 one step back through the forward SDE. Every `jump_length` steps
+    (counted from the end, as in RePaint) the walk goes back `jump_length` steps,
+    `jump_n_sample - 1` times."""
+    jumps = {d: jump_n_sample - 1 for d in range(0, num_steps - jump_length, jump_length)}
+    d, moves = num_steps, []  # d: steps left to the end
+    while d > 0:
+        d -= 1
+        moves.append(1)
+        if jumps.get(d, 0) > 0:
+            jumps[d] -= 1
+            moves += [-1] * jump_length
+            d += jump_length
+    return moves
+
+
+def _repaint(
+    sampler: Any,
+    score_fn: ScoreFn,
+    replace: _Replacement,
+    x_init: Tensor | None,
+    generator: torch.Generator | None,
+    jump_length: Any,
+    jump_n_sample: Any,
+) -> Tensor:
+    """Replacement on the sampler's Gaussian steps with RePaint's jumps back."""
+    from scoresde.samplers.base import CountedScore, NonFiniteGuard
+
+    jump_length = check_positive_int("jump_length", jump_length)
+    jump_n_sample = check_positive_int("jump_n_sample", jump_n_sample)
+    steps: list[Transition] = gaussian_transitions(sampler)
+    if any(tr.t_next >= tr.t for tr in steps):
+        raise ValueError("method='repaint' needs steps that advance in time (no corrector)")
+    sde, x_known = sampler.sde, replace.x_known
+    if x_init is None:
+        x = sde.prior_sampling(
+            tuple(x_known.shape), generator=generator, device=x_known.device, dtype=x_known.dtype
+        )
+    else:
+        check_data("x_init", x_init)
+        if x_init.shape != x_known.shape:
+            raise ValueError(
+                f"x_init must have x_known's shape {tuple(x_known.shape)}, "
+                f"got {tuple(x_init.shape)}"
+            )
+        x = x_init.detach().to(device=x_known.device, dtype=x_known.dtype)
+    score = CountedScore(score_fn)
+    guard = NonFiniteGuard(x.device)
+    x = replace(-1, steps[0].t, x)
+    pos = 0
+    try:
+        with torch.no_grad():
+            for i, move in enumerate(repaint_schedule(len(steps), jump_length, jump_n_sample)):
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                if move > 0:
+                    tr = steps[pos]
+                    x = torch.add(x * tr.a, score(x, tr.t), alpha=tr.b).add_(z, alpha=tr.c)
+                    pos += 1
+                    x = replace(i, tr.t_next, x)
+                else:
+                    tr = steps[pos - 1]
+                    x = _renoise(sde, x, tr.t_next, tr.t, z)
+                    pos -= 1
+                guard(i, steps[pos].t if pos < len(steps) else steps[-1].t_next, x)
+        guard.flush()
+    finally:
+        sampler.nfe = score.nfe
+    return torch.where(replace.mask, x_known, x)
+
+
+def smc_sample(
+    sampler: Any,
+    score_fn: ScoreFn,
+    log_likelihood_fn: Callable[[Tensor, Tensor], Tensor],
+    shape: tuple[int, ...],
+    *,
+    particles: int = 16,
+    twist: str = "tweedie",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    ess_threshold: float = 0.5,
+    twist_gradient: str = "autograd",
+    data_std: float = 1.0,
+    progress: bool = False,
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, ConditionalInfo]:
+    """Sample p(x | y) ∝ p(x) p(y | x) by twisted SMC (Wu et al. 2023) over a sampler's
+    Gaussian steps: the asymptotically exact counterpart of `guided_score` (which follows
+    the guided score and is exact only when log p_t(y | x_t) is).
+
+    Each of the B = shape[0] outputs is drawn from its own K = `particles` particles (one
+    batch of B K rows). The twist log p~_t(y | x_t) is
+
+    - twist="tweedie": `log_likelihood_fn(x0_hat(x_t), t_end)`, a likelihood of clean data
+      applied to the Tweedie estimate x0_hat = (x + sigma^2 s) / alpha (gradient through the
+      score with twist_gradient="autograd", the TDS recipe);
+    - twist="direct": `log_likelihood_fn(x_t, t)`, a time-dependent classifier of noisy
+      data (e.g. `classifier_log_prob(classifier, y)`); with the exact p_t(y | x_t) the
+      weights stay nearly uniform.
+
+    The last step's weight uses the likelihood itself, `log_likelihood_fn(x_n, t_end)` at
+    the sampler's last time t_end, so whatever the twist, the weighted particles sample the
+    sampler's chain reweighted by p(y | x_n) as K grows. Samplers, costs and diagnostics as
+    `inpaint(method="smc")`.
+
+    Args:
+        sampler: `EulerMaruyamaSampler`, `PCSampler` (corrector None or "ald") or
+            `DDIMSampler` with eta > 0.
+        score_fn: the unconditional score s(x `[N, *D]`, t `[N]`).
+        log_likelihood_fn: log p(y | x, t) -> `[N]`, differentiable in x (y is fixed inside
+            it, e.g. `classifier_log_prob(classifier, y)` with an int y).
+        shape: `(B, *D)`, the output's shape.
+        particles, ess_threshold, twist_gradient, data_std, progress, return_info: as
+            `inpaint` (data_std sets the stop-gradient Jacobian).
+        generator, device, dtype: as `Sampler.sample`.
+
+    Returns:
+        `[B, *D]` samples (and a `ConditionalInfo` with `return_info=True`).
+    """
+    if not callable(log_likelihood_fn):
+        raise TypeError(
+            f"log_likelihood_fn must be callable, got {type(log_likelihood_fn).__name__}"
+        )
+    check_choice("twist", twist, ("tweedie", "direct"))
+    check_bool("return_info", return_info)
+    _check_generator(generator)
+    particles, ess_threshold = _check_smc_args(particles, ess_threshold, twist_gradient)
+    data_std = check_positive("data_std", data_std)
+    shape = check_shape(shape)
+    device, dtype = resolve_device_dtype(generator, device, dtype)
+    sde = _check_sampler(sampler)
+    transitions = gaussian_transitions(sampler)
+    B, K = shape[0], particles
+    pf = ParticleFilter(
+        transitions,
+        score_fn,
+        LikelihoodTwist(
+            EndEstimate(sde, transitions[-1].t_next, data_std), log_likelihood_fn, twist
+        ),
+        batch=B,
+        particles=K,
+        generator=generator,
+        ess_threshold=ess_threshold,
+        twist_gradient=twist_gradient,
+        progress=progress,
+    )
+    x_T = sde.prior_sampling((B * K, *shape[1:]), generator=generator, device=device, dtype=dtype)
+    try:
+        x, log_w, info = pf.run(x_T)
+    finally:
+        sampler.nfe = pf.score.nfe
+    out = pf.select(x, log_w)
+    info.particles = x.reshape(B, K, *x.shape[1:])
+    info.log_weights = log_w
+    return (out, info) if return_info else out
 
 
 class _ReplacingStep:
