@@ -72,8 +72,8 @@ def inc(key):
 
 def repl(m):
     key = m.group(1)
-    if key == "schedules":
-        lines = (R / "schedules.md").read_text().splitlines()[1:]  # the page has its title
+    if key in ("schedules", "conditional"):
+        lines = (R / f"{key}.md").read_text().splitlines()[1:]  # the page has its title
         body = "\n".join(ln for ln in lines if not ln.startswith("Command:"))
         return demote(demote(body)).strip()
     if key == "trained":

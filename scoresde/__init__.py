@@ -5,11 +5,13 @@ likelihoods, losses and training. Everything not exported here is private.
 """
 
 from scoresde.guidance import (
+    ConditionalInfo,
     classifier_free_guidance,
     classifier_log_prob,
     guided_score,
     inpaint,
     pc_inpaint,
+    smc_sample,
 )
 from scoresde.likelihood import (
     DatasetLikelihood,
@@ -60,6 +62,8 @@ __all__ = [
     "classifier_log_prob",
     "inpaint",
     "pc_inpaint",
+    "smc_sample",
+    "ConditionalInfo",
     "DDIMSampler",
     "DPMSolverSampler",
     "EDMSampler",
