@@ -327,13 +327,13 @@ def _log_ess(log_w: Tensor) -> Tensor:
     return -torch.logsumexp(2 * log_w, dim=1)
 
 
-def _systematic(log_w: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Systematic resampling: ancestor indices `[B, K]` in [0, K) for weights `[B, K]`."""
+def _systematic(log_w: Tensor, offsets: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Systematic resampling: ancestor indices `[B, K]` in [0, K) for weights `[B, K]`
+    (offsets: arange(K) in log_w's dtype)."""
     b, k = log_w.shape
     u = torch.rand((b, 1), generator=generator, device=log_w.device, dtype=log_w.dtype)
-    points = (u + torch.arange(k, device=log_w.device, dtype=log_w.dtype)) / k
     cdf = torch.cumsum(log_w.exp(), dim=1)
-    return torch.searchsorted(cdf, points).clamp_(max=k - 1)
+    return torch.searchsorted(cdf, (u + offsets) / k).clamp_(max=k - 1)
 
 
 class ParticleFilter:
@@ -385,11 +385,12 @@ class ParticleFilter:
 
     def _resample(self, log_w: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor], Tensor]:
         """Resample the items whose ESS is below the threshold; others keep their particles."""
-        B, K = self.B, self.K
+        K = self.K
         low = _log_ess(log_w).exp() < self.ess_threshold * K  # [B]; threshold 0: never
-        keep = torch.arange(K, device=log_w.device).expand(B, K)
-        ancestors = torch.where(low[:, None], _systematic(log_w, self.generator), keep)
-        rows = (ancestors + K * torch.arange(B, device=log_w.device)[:, None]).reshape(-1)
+        ancestors = torch.where(
+            low[:, None], _systematic(log_w, self._offsets, self.generator), self._keep
+        )
+        rows = (ancestors + self._first_rows).reshape(-1)
         state = [s.index_select(0, rows) for s in state]
         log_w = torch.where(low[:, None], torch.full_like(log_w, -math.log(K)), log_w)
         return log_w, state, low
@@ -399,6 +400,10 @@ class ParticleFilter:
         weights `[B, K]`, info)."""
         B, K = self.B, self.K
         guard = NonFiniteGuard(x.device)
+        # Constant index tensors of the resampling step, built once per run.
+        self._keep = torch.arange(K, device=x.device).expand(B, K)
+        self._first_rows = K * torch.arange(B, device=x.device)[:, None]
+        self._offsets = torch.arange(K, device=x.device, dtype=x.dtype)
         steps = self.transitions
         score, log_twist, grad = self._evaluate(x, steps[0].t)
         # x_T comes from the prior, so the first weight is the twist itself.
