@@ -204,7 +204,7 @@ def picture(problem: Problem, path: Path) -> None:
     runs = [
         ("replace (DDIM eta=1, 100 steps)", {"method": "replace", "sampler": "ddim", "steps": 100}),
         (
-            "RePaint (j=10, r=10, 50 steps; 500 NFE)",
+            "RePaint (j=10, r=10, 50 steps; 410 NFE)",
             {"method": "repaint", "sampler": "ddim", "steps": 50, "r": 10, "j": 10},
         ),
         (
