@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     # train -----------------------------------------------------------------------------------
     p = sub.add_parser(
         "train",
-        help="train a score model on a toy set, a .npy/.npz/.pt file or an image folder",
+        help="train a score model on a toy set, a .npy/.npz/.pt/.csv/.tsv file or images",
         description=(
             "Train a score model with denoising score matching and write checkpoints (with "
             "EMA weights, the data scaler and everything 'scoresde sample' needs) to "
@@ -149,9 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "data",
         help="toy-set name (8gaussians, mixture3, two_moons, swiss_roll, checkerboard, "
-        "circles, digits) or a path: .npy, .npz, .pt, or a folder of images",
+        "circles, digits) or a path: .npy, .npz, .pt, .csv, .tsv (numeric columns; a header "
+        "row is detected), or a folder of images",
     )
-    p.add_argument("--key", default=None, help="array name inside a .npz/.pt file")
+    p.add_argument(
+        "--key",
+        default=None,
+        help="array name inside a .npz/.pt file; for .csv/.tsv the columns to use (a,b,c)",
+    )
     p.add_argument("--num-data", type=_positive_int, default=None, help="use N samples of data")
     p.add_argument("--image-size", type=_positive_int, default=None, help="resize images to S x S")
     p.add_argument("--sde", choices=SDE_NAMES, default="vp", help="forward SDE (default vp)")
@@ -268,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="data to score (toy name or path; default: the training data of the checkpoint)",
     )
-    p.add_argument("--key", default=None, help="array name inside a .npz/.pt file")
+    p.add_argument(
+        "--key",
+        default=None,
+        help="array name inside a .npz/.pt file; for .csv/.tsv the columns to use (a,b,c)",
+    )
     p.add_argument("--num", type=_positive_int, default=1000, help="data points scored (1000)")
     p.add_argument(
         "--image-size",

@@ -1,7 +1,8 @@
 """Loading a user's data into a tensor `[N, *D]`, and scaling it for training.
 
 `load_data(source)` accepts a torch tensor, a numpy array, a `.npy` / `.npz` / `.pt` file,
-a folder of images, or the name of a toy set (`scoresde.toy.make_dataset`), and returns
+a `.csv` / `.tsv` table (header detected, numeric columns only), a folder of images, or
+the name of a toy set (`scoresde.toy.make_dataset`), and returns
 `(x, labels)` with x a floating-point tensor `[N, *D]` (rank >= 2) and labels a long
 tensor `[N]` or None. It does not rescale: images come back with their raw pixel values
 (0..255) so that the scaling is an explicit, saved step.
@@ -21,6 +22,7 @@ data.
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,6 +37,7 @@ Tensor = torch.Tensor
 __all__ = ["load_data", "load_digits_split", "DataScaler", "DigitsSplit", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+TABLE_EXTENSIONS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 
 
 def _to_tensor(name: str, array: Any, dtype: torch.dtype) -> Tensor:
@@ -164,6 +167,135 @@ def _load_images(folder: Path, image_size: int | tuple[int, int] | None, mode: s
     return np.stack(arrays), labels
 
 
+# --- CSV / TSV tables ----------------------------------------------------------------------------
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_rows(path: Path, delimiter: str) -> tuple[list[list[str]], list[int]]:
+    """The non-empty rows of a delimited text file and their line numbers (1-based)."""
+    rows, lines = [], []
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: drop a BOM (Excel)
+        reader = csv.reader(f, delimiter=delimiter)
+        for row in reader:
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            rows.append([cell.strip() for cell in row])
+            lines.append(reader.line_num)
+    return rows, lines
+
+
+def _select_column(path: Path, what: str, name: Any, names: list[str]) -> int:
+    """The index of a column given by header name or by 0-based position."""
+    if isinstance(name, str) and name in names:
+        return names.index(name)
+    if isinstance(name, int) or (isinstance(name, str) and name.strip().isdigit()):
+        index = int(name)
+        if 0 <= index < len(names):
+            return index
+    raise ValueError(
+        f"{what} {name!r} is not a column of {path}; columns: {names} (or 0-based positions "
+        f"0..{len(names) - 1})"
+    )
+
+
+def _label_column(values: list[str]) -> np.ndarray:
+    """Class labels from a column: integers as they are, anything else as sorted categories."""
+    if all(_is_number(v) and float(v).is_integer() for v in values):
+        return np.array([int(float(v)) for v in values])
+    categories = {c: i for i, c in enumerate(sorted(set(values)))}
+    return np.array([categories[v] for v in values])
+
+
+def _numeric_column(path: Path, name: str, values: list[str], lines: list[int]) -> np.ndarray:
+    """One column as float64, refusing text (naming the column) and missing, NaN or Inf
+    values (naming the line)."""
+    try:
+        column = np.array(values, dtype=np.float64)  # fast path: every cell is a number
+    except ValueError:
+        bad = [(line, v) for line, v in zip(lines, values, strict=True) if not _is_number(v)]
+        line, value = bad[0]
+        if value == "":
+            raise ValueError(
+                f"{path}: line {line}, column {name!r} is empty (a missing value); fill or "
+                "drop that row"
+            ) from None
+        if len(bad) > len(values) // 2:
+            raise ValueError(
+                f"{path}: column {name!r} is not numeric (e.g. {value!r} on line {line}); only "
+                "numeric columns can be modelled: drop it, or select the numeric columns with "
+                "key= (--key a,b,c)"
+            ) from None
+        raise ValueError(
+            f"{path}: line {line}, column {name!r}: {value!r} is not a number"
+        ) from None
+    finite = np.isfinite(column)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise ValueError(
+            f"{path}: line {lines[i]}, column {name!r} holds a non-finite value "
+            f"({values[i]!r}); NaN and Inf are not data a model can learn"
+        )
+    return column
+
+
+def _load_table(
+    path: Path, delimiter: str, key: Any, labels_key: Any
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A CSV/TSV file -> (x `[N, F]` float64, labels `[N]` or None).
+
+    The first row is a header when any of its cells is not a number. `key` picks the
+    feature columns (names or 0-based positions, as a list or a comma-separated string;
+    default: every column but the labels), `labels_key` the column of class labels.
+    """
+    rows, lines = _read_rows(path, delimiter)
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    width = len(rows[0])
+    for row, line in zip(rows, lines, strict=True):
+        if len(row) != width:
+            raise ValueError(
+                f"{path}: line {line} has {len(row)} fields, the first row has {width} (is the "
+                f"delimiter {delimiter!r} right?)"
+            )
+    # A header row has text where the data below it has numbers (or is all text), so a
+    # headerless table with a text column is not mistaken for one.
+    first, second = rows[0], rows[1] if len(rows) > 1 else None
+    text = [not _is_number(cell) for cell in first]
+    header = all(text) or (
+        second is not None and any(t and _is_number(v) for t, v in zip(text, second, strict=True))
+    )
+    if header:
+        names, rows, lines = rows[0], rows[1:], lines[1:]
+        if not rows:
+            raise ValueError(f"{path} has a header but no data rows")
+    else:
+        names = [str(i) for i in range(width)]
+    label_index = (
+        None if labels_key is None else _select_column(path, "labels_key", labels_key, names)
+    )
+    if key is None:
+        chosen = [i for i in range(width) if i != label_index]
+    else:
+        wanted = key.split(",") if isinstance(key, str) else list(key)
+        chosen = [
+            _select_column(path, "key", k.strip() if isinstance(k, str) else k, names)
+            for k in wanted
+        ]
+    if not chosen:
+        raise ValueError(f"{path}: no feature columns left (columns: {names})")
+    columns = list(zip(*rows, strict=True))
+    x = np.stack([_numeric_column(path, names[i], list(columns[i]), lines) for i in chosen], axis=1)
+    labels = None if label_index is None else _label_column(list(columns[label_index]))
+    return x, labels
+
+
 def load_data(
     source: Any,
     *,
@@ -181,7 +313,12 @@ def load_data(
     Args:
         source: a torch tensor or numpy array `[N, *D]`; a path to a `.npy`, `.npz`
             (choose the array with `key`, labels with `labels_key`) or `.pt` file (a tensor,
-            or a dict of tensors chosen by `key` / `labels_key`); a folder of images
+            or a dict of tensors chosen by `key` / `labels_key`); a `.csv` / `.tsv` table
+            (`[N, F]`; a first row with any non-numeric cell is the header; `key` picks
+            feature columns by name or 0-based position, as a list or "a,b,c"; `labels_key`
+            names a column of class labels, text categories numbered in sorted order; a
+            non-numeric feature column or a missing / NaN / Inf value is refused, naming the
+            column and line); a folder of images
             (`[N, C, H, W]` pixel values 0..255; labels from class sub-folders when there
             are several); or a toy-set name of `scoresde.toy.make_dataset` ("two_moons",
             "digits", ...), for which `n` samples are drawn with `seed` ("digits" without
@@ -217,10 +354,14 @@ def load_data(
             x, y = _load_images(path, image_size, mode)
         elif suffix == ".npy":
             if key is not None:
-                raise ValueError(f"key is only used for .npz/.pt files, got key={key!r} for {path}")
+                raise ValueError(
+                    f"key is only used for .npz/.pt/.csv/.tsv files, got key={key!r} for {path}"
+                )
             x = _read_file(path, "a .npy array", lambda: np.load(path, allow_pickle=False))
         elif suffix == ".npz":
             x, y = _read_file(path, "an .npz archive", lambda: _load_npz(path, key, labels_key))
+        elif suffix in TABLE_EXTENSIONS:
+            x, y = _load_table(path, TABLE_EXTENSIONS[suffix], key, labels_key)
         elif suffix in (".pt", ".pth"):
             obj = _read_file(
                 path,
@@ -238,8 +379,8 @@ def load_data(
                 x = obj
         else:
             raise ValueError(
-                f"source {str(path)!r}: unsupported file type {suffix!r}; use .npy, .npz, .pt "
-                "or a folder of images"
+                f"source {str(path)!r}: unsupported file type {suffix!r}; use .npy, .npz, .pt, "
+                ".csv, .tsv or a folder of images"
             )
     else:
         raise TypeError(

@@ -235,6 +235,31 @@ def test_train_from_npy_file(tmp_path: Path) -> None:
     assert _is_png(out.with_suffix(".png"))  # a scatter of the first two coordinates
 
 
+def test_train_from_csv_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from scoresde.training import read_checkpoint
+
+    rng = np.random.default_rng(1)
+    rows = ["a,b,label"] + [
+        f"{u:.4f},{3 * v + 7:.4f},x{i % 2}" for i, (u, v) in enumerate(rng.normal(size=(120, 2)))
+    ]
+    table = tmp_path / "table.csv"
+    table.write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    argv = ["train", str(table), "--ckpt-dir", str(run), "--steps", "3", "--per-feature"]
+    argv += ["--hidden", "16", "--blocks", "1", "--batch-size", "16", "--quiet"]
+    # The text column is refused by name, in one line.
+    assert _run([*argv, "--device", "cpu"]) == 1
+    assert "column 'label' is not numeric" in _one_error_line(capsys.readouterr().err)
+    assert _run([*argv, "--device", "cpu", "--key", "a,b"]) == 0
+    cfg = read_checkpoint(run)["config"]
+    assert cfg["model"]["data_shape"] == [2]
+    b = np.array([float(r.split(",")[1]) for r in rows[1:]])
+    assert float(cfg["data_scaler"]["shift"][1]) == pytest.approx(b.mean(), rel=1e-4)
+    capsys.readouterr()
+    assert _run(["likelihood", str(run), "--num", "5", "--rtol", "1e-2", "--quiet"]) == 0
+    assert "5 points of" in capsys.readouterr().out  # the recorded CSV and columns re-read
+
+
 def test_digits_unet_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from scoresde.training import read_checkpoint
 

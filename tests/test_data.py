@@ -151,3 +151,53 @@ def test_scaler_fixed_range_and_errors() -> None:
         DataScaler.from_state_dict({"kind": "minmax"})
     const = DataScaler(per_feature=True).fit(torch.tensor([[1.0, 2.0], [1.0, 4.0]]))
     assert torch.isfinite(const.transform(torch.tensor([[1.0, 3.0]]))).all()
+
+
+# --- CSV / TSV ----------------------------------------------------------------------------------
+
+
+def test_csv_with_header_and_labels_and_tsv_without(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text(
+        "height,weight,species\n1.5,60,cat\n\n1.75,80.5,dog\n 2e0 , -3 ,cat\n"
+    )
+    x, y = load_data(tmp_path / "t.csv", labels_key="species", dtype=torch.float64)
+    assert torch.equal(x, torch.tensor([[1.5, 60.0], [1.75, 80.5], [2.0, -3.0]], dtype=x.dtype))
+    assert y.tolist() == [0, 1, 0]  # categories numbered in sorted order
+    x, _ = load_data(tmp_path / "t.csv", key="weight,height")  # pick and order columns
+    assert x[:, 0].tolist() == [60.0, 80.5, -3.0] and x.shape == (3, 2)
+    x, _ = load_data(tmp_path / "t.csv", key=[1])
+    assert x.shape == (3, 1)
+    # No header: every row is data; tabs for .tsv; quoted numbers are numbers.
+    (tmp_path / "t.tsv").write_text('1\t2\t3\n4\t"5"\t6\n')
+    x, y = load_data(tmp_path / "t.tsv")
+    assert x.tolist() == [[1, 2, 3], [4, 5, 6]] and y is None
+    # A headerless table with a text column is not taken for a header.
+    (tmp_path / "nohead.csv").write_text("1.0,red\n2.0,blue\n")
+    x, y = load_data(tmp_path / "nohead.csv", labels_key=1)
+    assert x.tolist() == [[1.0], [2.0]] and y.tolist() == [1, 0]
+
+
+def test_csv_errors_name_the_column_or_line(tmp_path: Path) -> None:
+    def write(name: str, text: str) -> Path:
+        (tmp_path / name).write_text(text)
+        return tmp_path / name
+
+    bad_col = write("a.csv", "x,colour,y\n1,red,2\n3,blue,4\n5,red,6\n")
+    with pytest.raises(ValueError, match=r"column 'colour' is not numeric.*line 2"):
+        load_data(bad_col)
+    with pytest.raises(ValueError, match=r"line 3, column 'y' holds a non-finite value \('nan'\)"):
+        load_data(write("b.csv", "x,y\n1,2\n3,nan\n"))
+    with pytest.raises(ValueError, match=r"line 4, column 'x' holds a non-finite value \('-inf'\)"):
+        load_data(write("c.csv", "x,y\n1,2\n3,4\n-inf,5\n"))
+    with pytest.raises(ValueError, match=r"line 3, column 'y' is empty"):
+        load_data(write("d.csv", "x,y\n1,2\n3,\n"))
+    with pytest.raises(ValueError, match=r"line 4, column 'x': 'oops' is not a number"):
+        load_data(write("e.csv", "x,y\n1,2\n3,4\noops,5\n6,7\n"))
+    with pytest.raises(ValueError, match=r"line 3 has 3 fields, the first row has 2"):
+        load_data(write("f.csv", "x,y\n1,2\n3,4,5\n"))
+    with pytest.raises(ValueError, match=r"key 'z' is not a column .*\['x', 'y'\]"):
+        load_data(write("g.csv", "x,y\n1,2\n"), key="z")
+    with pytest.raises(ValueError, match="no rows"):
+        load_data(write("h.csv", "\n\n"))
+    with pytest.raises(ValueError, match="header but no data rows"):
+        load_data(write("i.csv", "x,y\n"))
