@@ -32,6 +32,7 @@ PROG = "scoresde"
 SDE_NAMES = ("vp", "subvp", "ve", "cosine")
 NET_NAMES = ("auto", "mlp", "unet")
 PARAMETERIZATIONS = ("v", "eps", "x0", "score")
+PRETRAINED_DIR = "model"  # `train` exports the EMA model here (ScoreModel.save_pretrained)
 
 
 # --- argument parsing ---------------------------------------------------------------------------
@@ -143,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a score model with denoising score matching and write checkpoints (with "
             "EMA weights, the data scaler and everything 'scoresde sample' needs) to "
-            "--ckpt-dir, plus a sample plot every --plot-every steps."
+            "--ckpt-dir, plus a sample plot every --plot-every steps. At the end the EMA "
+            "model is exported to --ckpt-dir/model (config.json + model.safetensors, for "
+            "ScoreModel.from_pretrained)."
         ),
     )
     p.add_argument(
@@ -237,7 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
             "'samples') and a PNG next to it (a scatter for 2-D data, a grid for images)."
         ),
     )
-    p.add_argument("checkpoint", help="checkpoint file or the --ckpt-dir of 'scoresde train'")
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint file, the --ckpt-dir of 'scoresde train', or a saved model folder "
+        "(ScoreModel.save_pretrained: config.json + model.safetensors)",
+    )
     from scoresde.samplers import SAMPLERS  # the one registry of sampler names
 
     p.add_argument("--sampler", choices=list(SAMPLERS), default="dpm", help="solver (default dpm)")
@@ -248,7 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="solver steps (default: pc/em 500, ode 100, ddim/edm 50, dpm 20)",
     )
     p.add_argument("--rtol", type=_positive_float, default=None, help="adaptive tolerance")
-    p.add_argument("--num", type=_positive_int, default=1000, help="number of samples (1000)")
+    p.add_argument(
+        "--num-samples",
+        "--num",  # the old name; torchrun takes a bare --num for its own --numa-binding
+        dest="num",
+        type=_positive_int,
+        default=1000,
+        help="number of samples (1000)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=None, help="samples per batch")
     p.add_argument("--out", default="samples.npz", help="output .npz (default samples.npz)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
@@ -266,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
             "in the data's own units."
         ),
     )
-    p.add_argument("checkpoint", help="checkpoint file or the --ckpt-dir of 'scoresde train'")
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint file, the --ckpt-dir of 'scoresde train', or a saved model folder "
+        "(ScoreModel.save_pretrained: config.json + model.safetensors)",
+    )
     p.add_argument(
         "data",
         nargs="?",
@@ -552,48 +570,22 @@ def _make_sampler(name: str, sde: Any, steps: int | None, rtol: float | None = N
 
 
 def _load_checkpoint(path: str, device: Any, *, ema: bool = True) -> tuple[Any, Any, dict]:
-    """(model on `device` in eval mode, its DataScaler or None, the checkpoint's config) from
-    a file or a `scoresde train` folder. Raises FileNotFoundError / CheckpointError."""
-    from scoresde.data import DataScaler
-    from scoresde.training import (
-        CheckpointError,
-        build_model,
-        build_sde,
-        check_spec_fits,
-        read_checkpoint,
-    )
+    """(model on `device` in eval mode, its DataScaler or None, the stored config) from a
+    checkpoint file, a `scoresde train` folder or a `save_pretrained` folder (config.json +
+    model.safetensors). Raises FileNotFoundError / CheckpointError."""
+    from scoresde.pretrained import is_pretrained_dir, load_pretrained, read_pretrained_config
+    from scoresde.training import LATEST, load_model
 
-    ckpt = read_checkpoint(path, map_location="cpu")
-    cfg = ckpt["config"]
-    spec = cfg.get("model")
-    if not isinstance(spec, dict):
-        raise CheckpointError(
-            f"{path!r} holds no model recipe (it was not written by 'scoresde train' or a "
-            "model from scoresde.training.build_model)"
-        )
-    state = ckpt["ema" if ema else "model"]
-    sde_spec = spec.get("sde")
-    if not (isinstance(sde_spec, dict) and sde_spec.get("custom")):  # (refused below)
-        check_spec_fits(spec, state, "EMA model" if ema else "model")  # before allocating
-    try:
-        sde_cfg = dict(spec["sde"])
-        if sde_cfg.pop("custom", False):
-            raise CheckpointError(f"{path!r} uses a custom SDE the command line cannot rebuild")
-        sde = build_sde(sde_cfg.pop("name"), **sde_cfg)
-        model = build_model(
-            sde,
-            spec["net"],
-            spec["data_shape"],
-            spec["parameterization"],
-            num_classes=spec.get("num_classes"),
-            net_kwargs=spec.get("net_kwargs"),
-        )
-        model.load_state_dict(state)
-    except (KeyError, RuntimeError, TypeError) as err:
-        raise CheckpointError(f"{path!r}: the model cannot be rebuilt ({err})") from err
-    scaler = cfg.get("data_scaler")
-    scaler = None if scaler is None else DataScaler.from_state_dict(scaler)
-    return model.to(device).eval().requires_grad_(False), scaler, cfg
+    if is_pretrained_dir(path) and not (Path(path) / LATEST).is_file():
+        if not ema:
+            raise ValueError(
+                f"--no-ema: {path!r} is a saved model with one set of weights (no raw/EMA pair)"
+            )
+        model = load_pretrained(path, device=device)
+        cfg = {"model": read_pretrained_config(path)["model"]}
+        return model.requires_grad_(False), model.data_scaler, cfg
+    loaded = load_model(path, ema=ema, device=device)
+    return loaded.model.requires_grad_(False), loaded.data_scaler, loaded.config
 
 
 # --- demo ---------------------------------------------------------------------------------------
@@ -877,7 +869,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         plotting.plot_loss(trainer.history, ckpt_dir / "loss.png")
         if callback is not None and trainer.step % plot_every:
             callback(trainer)  # a plot of the final model as well
-        _say(args, f"step {trainer.step}: checkpoint {ckpt_dir / 'latest.pt'}")
+        exported = trainer.save_pretrained(ckpt_dir / PRETRAINED_DIR)  # EMA weights + scaler
+        _say(
+            args,
+            f"step {trainer.step}: checkpoint {ckpt_dir / 'latest.pt'}; model for "
+            f"ScoreModel.from_pretrained in {exported}",
+        )
     from scoresde.distributed import shutdown
 
     shutdown()  # under torchrun: leave the process group cleanly (a no-op otherwise)

@@ -214,10 +214,9 @@ def build_model(
         "sde": sde_cfg,
         "net": net,
         "data_shape": list(data_shape),
-        "parameterization": parameterization,
         "num_classes": num_classes,
         "net_kwargs": net_kwargs,
-        "scale_input": bool(scale_input),
+        **model.config(),  # parameterization, scale_input, ... (ScoreModel's own options)
     }
     return model
 
@@ -253,10 +252,9 @@ def model_spec(model: nn.Module) -> dict[str, Any] | None:
         "sde": sde_config(model.sde),
         "net": name,
         "data_shape": shape,
-        "parameterization": model.parameterization,
         "num_classes": num_classes,
         "net_kwargs": kwargs,
-        "scale_input": model.scale_input,
+        **model.config(),
     }
 
 
@@ -271,16 +269,17 @@ def _model_from_spec(spec: dict[str, Any], *, meta: bool = False) -> ScoreModel:
         )
     name = sde_cfg.pop("name")
     sde = build_sde(name, **sde_cfg)  # (outside the meta context: the SDE's own tables)
+    # ScoreModel's own options (parameterization, scale_input, ...) go through as they are.
+    options = {k: spec[k] for k in ScoreModel.option_names() if k in spec}
     with torch.device("meta") if meta else contextlib.nullcontext():
         return build_model(
             sde,
             spec["net"],
             spec["data_shape"],
-            spec["parameterization"],
             num_classes=spec.get("num_classes"),
             net_kwargs=spec.get("net_kwargs"),
-            seed=None,
-            scale_input=spec.get("scale_input", True),
+            seed=0,  # overwritten by the weights; seeded so the global RNG is untouched
+            **options,
         )
 
 
@@ -448,9 +447,9 @@ def _check_state_compatible(what: str, module: nn.Module, state: dict[str, Tenso
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        f"{k}: {tuple(getattr(state[k], 'shape', ()))} vs {tuple(v.shape)}"
         for k, v in own.items()
-        if k in state and (not torch.is_tensor(state[k]) or state[k].shape != v.shape)
+        if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)
     ]
     if missing or unexpected or wrong:
         parts = []
@@ -711,9 +710,7 @@ class Trainer:
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         if isinstance(model, ScoreModel):
-            return ScoreModel(
-                DDP(model.net, device_ids=ids), model.sde, model.parameterization, model.scale_input
-            )
+            return ScoreModel(DDP(model.net, device_ids=ids), model.sde, **model.config())
         return DDP(model, device_ids=ids)
 
     def _lr_factor(self, n: int) -> float:
@@ -1073,6 +1070,21 @@ class Trainer:
         _atomic_save(state, target)
         self._last_saved = (target, self.step)
         return target
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path | None:
+        """Export the EMA model and the data scaler as a `ScoreModel.save_pretrained`
+        folder (config.json + model.safetensors) that `ScoreModel.from_pretrained` reads
+        (rank 0 only; other ranks return None)."""
+        if not self.dist.is_main:
+            return None
+        if not isinstance(self.ema_model, ScoreModel):
+            raise TypeError(
+                f"save_pretrained needs a ScoreModel, the trainer holds {type(self.model).__name__}"
+            )
+        ema = self.ema_model
+        if getattr(ema, "spec", None) is None and getattr(self.model, "spec", None) is not None:
+            ema.spec = self.model.spec  # type: ignore[attr-defined]
+        return ema.save_pretrained(path, data_scaler=self.data_scaler)
 
     def load(self, path: str | os.PathLike) -> Trainer:
         """Restore a checkpoint written by `save` (a file, or a folder with `latest.pt`).

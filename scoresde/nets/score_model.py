@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 from typing import Any
 
 import torch
@@ -48,6 +50,45 @@ class ScoreModel(nn.Module):
             "parameterization", parameterization, PARAMETERIZATIONS
         )
         self.scale_input = bool(scale_input)
+
+    # --- configuration and saving ---
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The constructor's options besides `net` and `sde` (each stored as an attribute of
+        the same name), which `config()` lists and saved models record."""
+        params = inspect.signature(cls.__init__).parameters
+        return tuple(name for name in params if name not in ("self", "net", "sde"))
+
+    def config(self) -> dict[str, Any]:
+        """The constructor options of this model as plain values, e.g.
+        `{"parameterization": "v", "scale_input": True}`:
+        `ScoreModel(net, sde, **model.config())` wraps the same network the same way."""
+        return {name: getattr(self, name) for name in self.option_names()}
+
+    def save_pretrained(self, path: str | os.PathLike, *, data_scaler: Any = None) -> Any:
+        """Write `path/config.json` (SDE, network spec, options, data scaling) and
+        `path/model.safetensors` (the weights); returns the folder's Path.
+
+        The data scaler is `data_scaler` if given, else `self.data_scaler` (set by
+        `from_pretrained`) if any. Needs a model whose spec is known: one made by
+        `scoresde.training.build_model`, or an `MLPScoreNet` / `UNet` in a built-in SDE.
+        """
+        from scoresde.pretrained import save_pretrained
+
+        return save_pretrained(self, path, data_scaler=data_scaler)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: torch.device | str | None = None
+    ) -> ScoreModel:
+        """The model saved by `save_pretrained` (eval mode, on `device`, default CPU), with
+        its `data_scaler` attribute (a `scoresde.data.DataScaler` or None) to map samples
+        back to data units. Nothing is unpickled: the configuration is JSON, the weights
+        safetensors, and the configuration is checked against the weights' shapes before
+        the network is built."""
+        from scoresde.pretrained import load_pretrained
+
+        return load_pretrained(path, device=device)
 
     def _coefficients(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         alpha = expand_like(self.sde.alpha(t), x)
