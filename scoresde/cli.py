@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a score model with denoising score matching and write checkpoints (with "
             "EMA weights, the data scaler and everything 'scoresde sample' needs) to "
-            "--ckpt-dir, plus a sample plot every --plot-every steps. At the end the EMA "
+            "--ckpt-dir, plus a sample plot every --plot-every steps, metrics.csv (step, "
+            "loss, lr, grad norm, seconds), TensorBoard events in --ckpt-dir/tensorboard "
+            "when tensorboard is installed, and loss.png. At the end the EMA "
             "model is exported to --ckpt-dir/model (config.json + model.safetensors, for "
             "ScoreModel.from_pretrained)."
         ),
@@ -865,8 +867,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     if trainer.dist.is_main:  # under torchrun, only rank 0 writes files and reports
         from scoresde import plotting
+        from scoresde.runlog import read_metrics
 
-        plotting.plot_loss(trainer.history, ckpt_dir / "loss.png")
+        # The loss curve of the whole run (resumed sessions included), from its metrics log.
+        plotting.plot_loss(read_metrics(ckpt_dir)["loss"], ckpt_dir / "loss.png")
         if callback is not None and trainer.step % plot_every:
             callback(trainer)  # a plot of the final model as well
         exported = trainer.save_pretrained(ckpt_dir / PRETRAINED_DIR)  # EMA weights + scaler

@@ -34,6 +34,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -49,6 +50,7 @@ from scoresde.nets.embedding import FourierTimeEmbedding
 from scoresde.nets.mlp import MLPScoreNet
 from scoresde.nets.score_model import ScoreModel
 from scoresde.nets.unet import UNet
+from scoresde.runlog import MetricsLog, tensorboard_available
 from scoresde.samplers.base import NonFiniteError
 from scoresde.sdes import SDE, VESDE, VPSDE, CosineVPSDE, SubVPSDE
 
@@ -575,6 +577,10 @@ class Trainer:
             per step. In either case `save` refuses non-finite model or EMA weights, so a
             diverged run never overwrites a good checkpoint.
         progress: the default of `fit(progress=...)`: a tqdm bar with the loss (rank 0 only).
+        tensorboard: with a checkpoint_dir, also write TensorBoard events to
+            `checkpoint_dir/tensorboard` (None: when the tensorboard package is installed).
+            `checkpoint_dir/metrics.csv` (step, loss, lr, grad_norm, seconds; see
+            `scoresde.runlog`) is always written there.
 
     Attributes: `step` (optimizer steps taken), `model`, `ema_model` (a copy holding the
     EMA weights, in eval mode; sample from it), `optimizer`, `scheduler`, `history`.
@@ -607,6 +613,7 @@ class Trainer:
         log_every: int = 10,
         progress: bool = True,
         max_skipped_steps: int = 0,
+        tensorboard: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -641,6 +648,12 @@ class Trainer:
         self._skipped = 0  # consecutive skipped steps (max_skipped_steps > 0)
         self._last_saved: tuple[Path, int] | None = None  # (path, step) of the last save
         self.progress = bool(progress)
+        self.tensorboard = None if tensorboard is None else bool(tensorboard)
+        if self.tensorboard and not tensorboard_available():
+            raise ValueError(
+                "tensorboard=True needs the tensorboard package (pip install tensorboard); "
+                "use tensorboard=None to write events only when it is installed"
+            )
         if data_scaler is not None and not isinstance(data_scaler, DataScaler):
             raise TypeError(f"data_scaler must be a DataScaler, got {type(data_scaler).__name__}")
         self.data_scaler = data_scaler
@@ -686,6 +699,11 @@ class Trainer:
         self._noise_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
         self.step = 0
         self.history: list[float] = []
+        # Per-step (step, lr, grad norm, seconds) waiting for the next sync, and the log.
+        self._step_log: list[tuple[int, float, Tensor, float]] = []
+        self._metrics: MetricsLog | None = None
+        self._train_seconds = 0.0
+        self._clock: tuple[float, float] = (0.0, 0.0)  # (perf_counter, seconds) at fit start
 
     # --- setup helpers ---
     def _resolve_precision(self, mixed_precision: str | bool) -> str | None:
@@ -803,6 +821,7 @@ class Trainer:
             return loss(self._train_model, x, generator=self._noise_gen, **kwargs)
 
     def _train_step(self, x: Tensor, y: Tensor | None, tensor_data: bool) -> Tensor:
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
         value = self._compute_loss(x, y, tensor_data)
         self.optimizer.zero_grad(set_to_none=True)
         if self._scaler is not None:
@@ -810,12 +829,13 @@ class Trainer:
             self._scaler.unscale_(self.optimizer)
         else:
             value.backward()
-        norm = None
         if self.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
-        elif self.max_skipped_steps:  # the norm only (all-reduced grads: the same on all ranks)
-            norm = torch.nn.utils.clip_grad_norm_(self._params, float("inf"))
-        if self.max_skipped_steps and self._skip_nonfinite_step(value, norm):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+        else:  # the norm only, for the metrics log (all-reduced grads: the same on all ranks)
+            grads = [p.grad for p in self._params if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else value.new_zeros(())
+        if self.max_skipped_steps and self._skip_nonfinite_step(value, grad_norm):
+            self._log_step(lr, grad_norm)
             return torch.full_like(value.detach(), float("nan"))
         if self._scaler is not None:
             self._scaler.step(self.optimizer)
@@ -825,7 +845,15 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self._update_ema()
+        self._log_step(lr, grad_norm)
         return value.detach()
+
+    def _log_step(self, lr: float, grad_norm: Tensor) -> None:
+        """Queue the metrics row of the step just taken (written at the next sync)."""
+        start, seconds = self._clock
+        self._step_log.append(
+            (self.step, lr, grad_norm.detach(), seconds + time.perf_counter() - start)
+        )
 
     def _skip_nonfinite_step(self, value: Tensor, norm: Tensor | None) -> bool:
         """With max_skipped_steps > 0: True (and the step is consumed without any update) when
@@ -934,6 +962,8 @@ class Trainer:
         losses: list[float] = []
         pending: list[Tensor] = []
         self.model.train()
+        self._open_metrics()
+        self._clock = (time.perf_counter(), self._train_seconds)
         with _StopSignals() as stop:
             try:
                 for _ in range(num_steps):
@@ -942,7 +972,7 @@ class Trainer:
                     if len(pending) == self.log_every:
                         losses += self._flush(pending, bar)
                     if self.checkpoint_dir is not None and self.step % self.checkpoint_every == 0:
-                        losses += self._flush(pending, bar)  # the history saved is complete
+                        losses += self._flush(pending, bar)  # history and metrics are complete
                         self.save()
                     if every is not None and self.step % every == 0 and self.dist.is_main:
                         callback(self)
@@ -951,6 +981,7 @@ class Trainer:
                 losses += self._flush(pending, bar)
             finally:
                 bar.close()
+                self._close_metrics()
         if self._should_stop(stop, end=True):
             saved = self.save() if self.checkpoint_dir is not None else None
             raise TrainingInterrupted(stop.signum, self.step, saved)
@@ -972,12 +1003,36 @@ class Trainer:
             stop.signum = int(signal.SIGTERM)  # another rank was signalled
         return asked
 
+    def _open_metrics(self) -> None:
+        """The metrics log of the run folder (rank 0), resumed at the current step."""
+        if self.checkpoint_dir is None or not self.dist.is_main or self._metrics is not None:
+            return
+        self._metrics = MetricsLog(self.checkpoint_dir, self.step, self.tensorboard)
+        if self.step > 0 and self._train_seconds == 0.0:  # resumed: continue the clock
+            self._train_seconds = self._metrics.resumed_seconds
+
+    def _close_metrics(self) -> None:
+        self._step_log.clear()
+        self._train_seconds = self._clock[1] + time.perf_counter() - self._clock[0]
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
     def _flush(self, pending: list[Tensor], bar: Any) -> list[float]:
-        """Synchronise the pending step losses once (one device sync per log_every steps)."""
+        """Synchronise the pending step losses and gradient norms once (one device sync per
+        log_every steps) and append them to the history and the metrics log."""
         if not pending:
             return []
-        values = sdist.all_reduce_mean(torch.stack(pending), self.dist).tolist()
+        n = len(pending)
+        log, self._step_log = self._step_log[:n], self._step_log[n:]
+        losses = sdist.all_reduce_mean(torch.stack(pending), self.dist)
+        norms = torch.stack([norm.to(losses.dtype) for _, _, norm, _ in log])
+        synced = torch.cat([losses, norms]).tolist()
+        values = synced[:n]
         pending.clear()
+        if self._metrics is not None:
+            steps, lrs, _, seconds = zip(*log, strict=True)
+            self._metrics.write(steps, values, lrs, synced[n:], seconds)
         self.history += values
         bar.update(len(values))
         bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)

@@ -54,7 +54,7 @@ def test_torchrun_two_processes_match_a_single_process(tmp_path: Path) -> None:
     assert ranks[0]["inputs"].shape == (helper_steps(), 16, 2)
     assert not torch.allclose(ranks[0]["inputs"], ranks[1]["inputs"])
     # Only rank 0 wrote checkpoints, and they are readable.
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest.pt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest.pt", "metrics.csv"]
 
     helper = _helper()
     single = helper.make_trainer(distributed=False)

@@ -176,7 +176,8 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(
         trainer.save()
     monkeypatch.setattr(torch, "save", real_save)
     assert (tmp_path / "latest.pt").read_bytes() == good_bytes
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]  # no temp files left
+    # No temp files left (metrics.csv is the run's metrics log).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt", "metrics.csv"]
 
 
 def test_checkpoint_holds_config_scaler_and_rng(tmp_path: Path) -> None:
@@ -186,7 +187,7 @@ def test_checkpoint_holds_config_scaler_and_rng(tmp_path: Path) -> None:
         tmp_path, data_scaler=scaler, config={"dataset": "mixture3"}, keep_checkpoints=True
     )
     trainer.fit(scaler.transform(x), 14, labels=y, progress=False)
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pt")
     assert names == ["latest.pt", "step_00000007.pt", "step_00000014.pt"]
     ckpt = read_checkpoint(tmp_path / "latest.pt")
     cfg = ckpt["config"]
