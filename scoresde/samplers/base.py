@@ -29,6 +29,7 @@ from scoresde._validation import (
     check_shape,
     resolve_device_dtype,
 )
+from scoresde.samplers.philox import PhiloxNormal
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
@@ -83,59 +84,18 @@ class GeneratorNoise:
         return self.randn(tuple(x.shape), x.device, x.dtype)
 
 
-_MASK32 = (1 << 32) - 1
-
-
-def _mix32(h: Tensor) -> Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values
-    < 2^32. The multipliers are < 2^31, so no product overflows int64."""
-    for mult in (0x2C1B3C6D, 0x297A2D39, 0x5BD1E995):
-        h = h ^ (h >> 16)
-        h = (h * mult) & _MASK32
-    return h ^ (h >> 15)
-
-
-class PerSampleNoise:
-    """Counter-based Gaussian noise with one stream per sample.
-
-    The value for sample i, draw number c and element j is a hash of (base seed, i, c, j)
-    pushed through Box–Muller, so sample i's noise is the same whatever the batch size.
-    The base seed is one draw from the user's generator, so successive calls differ.
+class PerSampleNoise(PhiloxNormal):
+    """Counter-based Gaussian noise with one Philox-4x32-10 stream per sample
+    (`scoresde.samplers.philox`): the value for sample i, draw number c and entry j is a
+    function of (key, sample_offset + i, c, j) alone, so sample i's noise is the same
+    whatever the batch size, the chunking of a run or the number of processes. The 64-bit
+    key is one draw from the user's generator, so successive calls differ and the same
+    seed repeats them.
     """
 
-    def __init__(self, generator: torch.Generator | None, device: torch.device) -> None:
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        self.base = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=gen_device))
-        self.counter = 0
-        self._index_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
-
-    def _indices(self, shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-        key = (shape, device)
-        if key not in self._index_cache:
-            b, d = shape[0], math.prod(shape[1:])
-            sample = torch.arange(b, device=device, dtype=torch.int64)[:, None]
-            element = torch.arange(d, device=device, dtype=torch.int64)[None, :]
-            # Pre-hashed per-sample and per-element keys, reused by every draw.
-            self._index_cache[key] = (
-                _mix32((sample * 0x3C6EF372 + self.base) & _MASK32),
-                _mix32((element * 0x1B873593 + 0x2545F491) & _MASK32),
-            )
-        return self._index_cache[key]
-
-    def randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-        sample_key, element_key = self._indices(shape, device)
-        draw = _mix32(torch.tensor(self.counter * 0x61C88647 + 0x9E3779B9, device=device) & _MASK32)
-        self.counter += 1
-        h1 = _mix32(sample_key ^ element_key ^ draw)
-        h2 = _mix32(h1 ^ 0x68E31DA4)
-        # Uniforms in (0, 1] and [0, 1) from 32 random bits each; Box–Muller.
-        u1 = (h1.to(torch.float64) + 1.0) / 4294967296.0
-        u2 = h2.to(torch.float64) / 4294967296.0
-        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
-        return z.to(dtype).reshape(shape)
-
-    def randn_like(self, x: Tensor) -> Tensor:
-        return self.randn(tuple(x.shape), x.device, x.dtype)
+    def __init__(self, generator: torch.Generator | None, sample_offset: int = 0) -> None:
+        base = PhiloxNormal.from_generator(generator, sample_offset)
+        super().__init__(base.key, base.sample_offset)
 
 
 # --- NaN guard -------------------------------------------------------------------------------
@@ -294,6 +254,7 @@ class Sampler(abc.ABC):
         progress: bool = False,
         callback: Callback | None = None,
         batch_invariant: bool = False,
+        sample_offset: int = 0,
     ) -> Tensor:
         """Draw samples `shape` = `(B, *D)`.
 
@@ -305,8 +266,13 @@ class Sampler(abc.ABC):
                 dtype then win).
             progress: show a progress bar.
             callback: `callback(step, t, x)` after every step; may return a replacement x.
-            batch_invariant: per-sample noise streams, so sample i is the same in a batch of
-                10 or 10,000 (for the same generator seed).
+            batch_invariant: per-sample noise streams (Philox-4x32-10, a 64-bit key drawn
+                from `generator`), so sample i is the same in a batch of 10 or 10,000 (for the
+                same generator seed).
+            sample_offset: with batch_invariant, the global index of this batch's first
+                sample: a run split into chunks (or over processes) that gives each chunk a
+                fresh generator with the same seed and its offset reproduces the one-batch
+                run exactly (see `scoresde.distributed.sample`).
         """
         score = CountedScore(score_fn)
         batch_invariant = check_bool("batch_invariant", batch_invariant)
@@ -316,9 +282,15 @@ class Sampler(abc.ABC):
             device, dtype = x_init.device, x_init.dtype
         shape = check_shape(shape)
         device, dtype = resolve_device_dtype(generator, device, dtype)
+        if not isinstance(sample_offset, int) or isinstance(sample_offset, bool):
+            raise TypeError(f"sample_offset must be an int, got {type(sample_offset).__name__}")
+        if sample_offset and not batch_invariant:
+            raise ValueError(
+                f"sample_offset={sample_offset} needs batch_invariant=True (per-sample noise)"
+            )
         noise: GeneratorNoise | PerSampleNoise
         if batch_invariant:
-            noise = PerSampleNoise(generator, device)
+            noise = PerSampleNoise(generator, sample_offset)
         else:
             noise = GeneratorNoise(generator)
         if x_init is None:
