@@ -2,8 +2,8 @@
 
     scoresde demo                          # train on 8 Gaussians, compare five solvers, PNG
     scoresde train two_moons --steps 5000 --ckpt-dir runs/moons
-    scoresde sample runs/moons --sampler dpm --steps 20 --num 5000 --out moons.npz
-    scoresde likelihood runs/moons two_moons --num 2000
+    scoresde sample runs/moons --sampler dpm --steps 20 --num-samples 5000 --out moons.npz
+    scoresde likelihood runs/moons two_moons --num-points 2000
     scoresde bench --quick
 
 Every subcommand has `--help`. A user's mistake (a bad path, option value, corrupt
@@ -265,7 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000,
         help="number of samples (1000)",
     )
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="samples per batch")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=1024,
+        help="samples per batch (1024); the samples do not depend on it (except with --sampler "
+        "pc, whose Langevin step size averages over a batch) nor on the number of processes "
+        "under torchrun, which share out the batches",
+    )
     p.add_argument("--out", default="samples.npz", help="output .npz (default samples.npz)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     _overwrite_option(p, "replace an existing --out file (and the PNG beside it)")
@@ -298,14 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="array name inside a .npz/.pt file; for .csv/.tsv the columns to use (a,b,c)",
     )
-    p.add_argument("--num", type=_positive_int, default=1000, help="data points scored (1000)")
+    p.add_argument(
+        "--num-points",
+        "--num",  # the old name; torchrun takes a bare --num for its own --numa-binding
+        dest="num",
+        type=_positive_int,
+        default=1000,
+        help="data points scored (1000)",
+    )
     p.add_argument(
         "--image-size",
         type=_positive_int,
         default=None,
         help="resize images to S x S (default: the size given to 'scoresde train')",
     )
-    p.add_argument("--batch-size", type=_positive_int, default=250, help="points per ODE solve")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=250,
+        help="points per ODE solve (250); under torchrun the processes share out the batches",
+    )
     p.add_argument(
         "--trace",
         choices=("exact", "hutchinson"),
@@ -328,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="lowest and highest level of discrete data (default: the range the minmax "
         "scaler was fitted on)",
+    )
+    p.add_argument(
+        "--per-point",
+        default=None,
+        metavar="NPZ",
+        help="also write the per-point log-likelihoods (nats, data units) and bits/dim to "
+        "this .npz (arrays 'logp', 'bpd')",
     )
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     _common(p)
@@ -740,7 +766,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(_format_table(header, rows))
     print()
     print(f"trained for {train_s:.1f} s; wrote {png} and {out / 'samples.npz'}")
-    print(f"more samples: scoresde sample {out / 'demo_checkpoint.pt'} --sampler pc --num 5000")
+    ckpt = out / "demo_checkpoint.pt"
+    print(f"more samples: scoresde sample {ckpt} --sampler pc --num-samples 5000")
     if mixture is not None:
         print(
             "sliced W2: distance to fresh data (the reference row: between two true sets). "
@@ -889,39 +916,57 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import torch
+    import warnings
+
+    from scoresde import distributed as sdist
+    from scoresde.samplers.pc import BatchDependenceWarning
 
     device = _setup_torch(args)
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ValueError(f"--out must name an .npz file, got {args.out!r}")
     _check_sample_outputs(out, args.overwrite)
+    info, device = sdist.setup(None, device)  # under torchrun: join the process group
     model, scaler, cfg = _load_checkpoint(args.checkpoint, device, ema=not args.no_ema)
     sampler = _make_sampler(args.sampler, model.sde, args.steps, args.rtol)
     data_shape = tuple(cfg["model"]["data_shape"])
-    batch = args.batch_size or args.num
-    gen = _generator(args.seed, device)
-    chunks, nfe = [], 0
     start = time.perf_counter()
-    for lo in range(0, args.num, batch):
-        n = min(batch, args.num - lo)
-        x = sampler.sample(
-            model, (n, *data_shape), generator=gen, device=device, progress=not args.quiet
+    # Global batches of --batch-size, each with per-sample noise streams: the samples are
+    # those of one process whatever the number of processes (see scoresde.distributed).
+    with warnings.catch_warnings():
+        # PC's Langevin step depends on the batch: --help says so; the batches themselves do
+        # not depend on the number of processes, so torchrun still matches one process.
+        warnings.simplefilter("ignore", BatchDependenceWarning)
+        x = sdist.sample(
+            sampler,
+            model,
+            args.num,
+            data_shape,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=device,
+            progress=not args.quiet,
+            info=info,
         )
-        nfe += sampler.nfe
-        chunks.append(x.detach().float().cpu())
     seconds = time.perf_counter() - start
-    samples = torch.cat(chunks)
+    nfe = sampler.nfe_total
+    if x is None:  # not rank 0: its batches went to rank 0
+        sdist.shutdown()
+        return 0
+    samples = x.float().cpu()
     if scaler is not None:
         samples = scaler.inverse_transform(samples)
     _save_samples_npz(out, samples.numpy())
     title = f"{args.sampler}, NFE {sampler.nfe}"
     png = _plot_samples(samples, out.with_suffix(".png"), title, scaler)
+    procs = f" on {info.world_size} processes" if info.enabled else ""
     _say(
         args,
-        f"{args.num} samples of shape {list(data_shape)} with {type(sampler).__name__}: NFE {nfe}, "
-        f"{seconds:.1f} s -> {out}" + (f" and {png}" if png is not None else ""),
+        f"{args.num} samples of shape {list(data_shape)} with {type(sampler).__name__}: NFE {nfe}"
+        f"{' per process' if procs else ''}, {seconds:.1f} s{procs} -> {out}"
+        + (f" and {png}" if png is not None else ""),
     )
+    sdist.shutdown()
     return 0
 
 
@@ -953,10 +998,12 @@ def _recorded_data(args: argparse.Namespace, stored: dict, key: str | None) -> t
 def _cmd_likelihood(args: argparse.Namespace) -> int:
     import torch
 
+    from scoresde import distributed as sdist
     from scoresde.data import load_data
-    from scoresde.likelihood import dataset_log_likelihood, dequantization_offset
+    from scoresde.likelihood import dequantization_offset
 
     device = _setup_torch(args)
+    info, device = sdist.setup(None, device)  # under torchrun: join the process group
     model, scaler, cfg = _load_checkpoint(args.checkpoint, device, ema=not args.no_ema)
     data_shape = tuple(cfg["model"]["data_shape"])
     stored = ((cfg.get("user") or {}).get("cli") or {}).get("data_args") or {}
@@ -979,18 +1026,25 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
     if scaler is not None:
         log_det = float(scaler.scale.to(torch.float64).expand(data_shape).abs().log().sum())
         x = scaler.transform(x)
-    res = dataset_log_likelihood(
+    # Global batches of --batch-size shared out over the processes under torchrun, with
+    # per-point Hutchinson probes: the values are those of one process.
+    res = sdist.log_likelihood(
         model,
         model.sde,
         x.to(device),
-        args.batch_size,
+        batch_size=args.batch_size,
+        seed=args.seed,
         progress=not args.quiet,
+        info=info,
         trace=trace,
         rtol=args.rtol,
         atol=args.rtol,
-        generator=_generator(args.seed, device) if trace == "hutchinson" else None,
     )
-    bpd = (-(res.logp.to(torch.float64).cpu() - log_det) / (dim * math.log(2))).reshape(-1)
+    if res is None:  # not rank 0
+        sdist.shutdown()
+        return 0
+    logp, nfe = res
+    bpd = (-(logp - log_det) / (dim * math.log(2))).reshape(-1)
     what = "continuous density"
     if args.num_bins is not None:
         lo_hi = args.data_range
@@ -1005,8 +1059,16 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
     se = float(bpd.std() / math.sqrt(bpd.numel())) if bpd.numel() > 1 else float("nan")
     print(
         f"{bpd.numel()} points of {source}: {mean:.4f} +- {se:.4f} bits/dim "
-        f"({what}; {trace} trace, {res.nfe} NFE)"
+        f"({what}; {trace} trace, {nfe} NFE)"
     )
+    if args.per_point is not None:
+        import numpy as np
+
+        per_point = Path(args.per_point)
+        per_point.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(per_point, logp=(logp - log_det).numpy(), bpd=bpd.numpy())
+        _say(args, f"per-point values -> {per_point}")
+    sdist.shutdown()
     return 0
 
 

@@ -6,6 +6,15 @@ default process group (gloo on CPU, nccl on CUDA) if that has not been done, and
 the device (cuda:LOCAL_RANK on GPUs). The `Trainer` calls it; user code only needs
 `shutdown()` at the end of a script (or nothing: the group dies with the process).
 
+Sampling and likelihoods (`sample`, `log_likelihood`): the work is cut into global chunks
+of `batch_size` samples (points), chunk k holding samples k * batch_size, ... whatever the
+number of processes; rank r computes chunks r, r + K, r + 2K, ... and rank 0 gathers them in
+order. Each chunk is sampled with `batch_invariant=True`, a fresh generator seeded with the
+run's seed (so every chunk uses the same 64-bit Philox key) and `sample_offset` = its first
+sample's index, so K processes write exactly the samples of one process with the same seed
+and batch size, and (except PC with the Langevin corrector, whose step size averages over
+its batch) the batch size does not change them either.
+
 Design of data parallelism in `scoresde.training`: every rank draws the same *global*
 batch indices and loss noise from identically seeded generators and keeps its slice, so
 a K-process run computes the same gradient as a one-process run with the same global
@@ -16,14 +25,26 @@ from identical gradients, stay identical on every rank without further communica
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from scoresde._validation import check_positive_int
+
 Tensor = torch.Tensor
 
-__all__ = ["DistInfo", "env_requests_distributed", "setup", "shutdown", "all_reduce_mean"]
+__all__ = [
+    "DistInfo",
+    "env_requests_distributed",
+    "setup",
+    "shutdown",
+    "all_reduce_mean",
+    "sample",
+    "log_likelihood",
+    "chunks",
+]
 
 
 class DistInfo(NamedTuple):
@@ -116,3 +137,165 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# --- sharded sampling and likelihoods --------------------------------------------------------
+
+
+def chunks(total: int, batch_size: int) -> list[tuple[int, int]]:
+    """The global chunks [(start, size), ...] of `total` items in batches of `batch_size`."""
+    return [(lo, min(batch_size, total - lo)) for lo in range(0, total, batch_size)]
+
+
+def _gather_chunks(
+    mine: list[Tensor], plan: list[tuple[int, int]], info: DistInfo, like: Tensor
+) -> Tensor | None:
+    """Rank r holds the outputs of chunks r, r + K, ... (`mine`, in order); returns all
+    chunks concatenated in global order on rank 0 (None on the other ranks)."""
+    local = torch.cat(mine) if mine else like.new_empty((0, *like.shape[1:]))
+    if not info.enabled:
+        return local
+    k = info.world_size
+    sizes = [sum(plan[c][1] for c in range(r, len(plan), k)) for r in range(k)]
+    width = max(sizes)
+    padded = local.new_zeros((width, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(k)]
+    dist.all_gather(parts, padded.contiguous())
+    if not info.is_main:
+        return None
+    pos = [0] * k
+    out = []
+    for c, (_, size) in enumerate(plan):
+        r = c % k
+        out.append(parts[r][pos[r] : pos[r] + size])
+        pos[r] += size
+    return torch.cat(out)
+
+
+def _like(shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.empty((0, *shape), device=device, dtype=dtype)
+
+
+def sample(
+    sampler: Any,
+    score_fn: Callable[[Tensor, Tensor], Tensor],
+    num_samples: int,
+    sample_shape: Sequence[int],
+    *,
+    seed: int = 0,
+    batch_size: int = 1024,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    info: DistInfo | None = None,
+) -> Tensor | None:
+    """`num_samples` samples of shape `sample_shape`, sharded over the processes of a
+    `torchrun` launch (or computed in one process) with identical results.
+
+    Args:
+        sampler: a `scoresde.samplers.Sampler`.
+        score_fn: its score function (on `device`).
+        num_samples, sample_shape: the output is `[num_samples, *sample_shape]`.
+        seed: every chunk is sampled with `torch.Generator(device).manual_seed(seed)`.
+        batch_size: samples per chunk (see the module docstring).
+        device, dtype: where and in what precision to sample (default: the device picked
+            by `setup`, cuda:LOCAL_RANK under torchrun with GPUs, else CPU; float32).
+        progress: per-chunk progress bars (rank 0 only).
+        info: the process group (default: `setup(None, device)`, which initialises it
+            under torchrun).
+
+    Returns the samples on rank 0 (and in a single process), None on the other ranks.
+    Total NFE over all chunks of this rank: `sampler.nfe_total` afterwards.
+    """
+    num_samples = check_positive_int("num_samples", num_samples)
+    batch_size = check_positive_int("batch_size", batch_size)
+    shape = tuple(int(d) for d in sample_shape)
+    if info is None:
+        info, dev = setup(None, device)
+    else:
+        dev = torch.device(device) if device is not None else _default_device(info.local_rank)
+    plan = chunks(num_samples, batch_size)
+    mine, nfe = [], 0
+    for c in range(info.rank, len(plan), info.world_size):
+        lo, n = plan[c]
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        x = sampler.sample(
+            score_fn,
+            (n, *shape),
+            generator=gen,
+            device=dev,
+            dtype=dtype,
+            progress=progress and info.is_main,
+            batch_invariant=True,
+            sample_offset=lo,
+        )
+        nfe += sampler.nfe
+        mine.append(x.detach())
+    sampler.nfe_total = nfe
+    return _gather_chunks(mine, plan, info, _like(shape, dev, dtype or torch.float32))
+
+
+def log_likelihood(
+    score_fn: Callable[[Tensor, Tensor], Tensor],
+    sde: Any,
+    data: Tensor,
+    *,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = False,
+    info: DistInfo | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, int] | None:
+    """Per-point log-likelihoods `[N]` (nats, float64, on the CPU) of `data` `[N, *D]`,
+    sharded over the processes of a `torchrun` launch with identical results.
+
+    Every rank holds `data` (on the device to compute on); the points are cut into global
+    batches of `batch_size` (batch k = points k * batch_size, ...), rank r solves batches
+    r, r + K, ..., each with per-point Hutchinson probes from a generator seeded with
+    `seed` (`batch_invariant=True`, `sample_offset` = the batch's first point), so a
+    point's value does not depend on the number of processes. `kwargs` go to
+    `scoresde.likelihood.log_likelihood` (trace, method, rtol, atol, eps, ...).
+
+    Returns (logp `[N]`, NFE summed over all batches and ranks) on rank 0 (and in one
+    process), None on the other ranks.
+    """
+    from scoresde.likelihood import log_likelihood as solve
+
+    batch_size = check_positive_int("batch_size", batch_size)
+    if not torch.is_tensor(data) or data.ndim < 2 or data.shape[0] == 0:
+        raise ValueError(f"data must be a non-empty tensor [N, *D], got {data!r:.60}")
+    if info is None:
+        info, _ = setup(None, data.device)
+    plan = chunks(data.shape[0], batch_size)
+    mine, nfe = [], 0
+    gen_device = data.device
+    mine_batches = range(info.rank, len(plan), info.world_size)
+    iterator: Any = mine_batches
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(mine_batches, desc="log-likelihood", unit="batch")
+    for c in iterator:
+        lo, n = plan[c]
+        gen = torch.Generator(device=gen_device).manual_seed(int(seed))
+        res = solve(
+            score_fn,
+            sde,
+            data[lo : lo + n],
+            generator=gen,
+            batch_invariant=True,
+            sample_offset=lo,
+            **kwargs,
+        )
+        nfe += res.nfe
+        mine.append(res.logp.detach().to(torch.float64))
+    like = data.new_empty((0,), dtype=torch.float64)
+    logp = _gather_chunks(mine, plan, info, like)
+    if info.enabled:
+        total = torch.tensor([float(nfe)], dtype=torch.float64, device=data.device)
+        dist.all_reduce(total)
+        nfe = int(total.item())
+    if logp is None:
+        return None
+    return logp.cpu(), nfe

@@ -28,6 +28,7 @@ from torchdiffeq import odeint
 
 from scoresde._ode import solve_per_sample
 from scoresde._validation import (
+    check_bool,
     check_choice,
     check_data,
     check_eps,
@@ -151,10 +152,25 @@ class _Counter:
 
 
 def _draw_probes(
-    x: Tensor, probe: str, num_probes: int, generator: torch.Generator | None
+    x: Tensor,
+    probe: str,
+    num_probes: int,
+    generator: torch.Generator | None,
+    batch_invariant: bool = False,
+    sample_offset: int = 0,
 ) -> Tensor:
-    """`[P, B, *D]` Hutchinson probes with E[v v^T] = I, drawn on the generator's device."""
+    """`[P, B, *D]` Hutchinson probes with E[v v^T] = I, drawn on the generator's device,
+    or (batch_invariant) from per-point Philox streams keyed by one draw of the generator,
+    point b being point sample_offset + b of a larger data set."""
     shape = (num_probes, *x.shape)
+    if batch_invariant:
+        from scoresde.samplers.base import PerSampleNoise
+
+        noise = PerSampleNoise(generator, sample_offset)
+        v = noise.normals(tuple(x.shape), x.device, x.dtype, 0, num_probes)
+        if probe == "gaussian":
+            return v
+        return torch.where(v >= 0, 1.0, -1.0).to(x.dtype)
     device = generator.device if generator is not None else x.device
     if probe == "gaussian":
         v = torch.randn(shape, generator=generator, device=device, dtype=x.dtype)
@@ -364,6 +380,8 @@ def log_likelihood(
     num_steps: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    batch_invariant: bool = False,
+    sample_offset: int = 0,
 ) -> LikelihoodResult:
     """log p_eps(x) by the probability-flow ODE (Song et al. 2021, App. D.2).
 
@@ -402,6 +420,10 @@ def log_likelihood(
         num_steps: steps of a fixed-step method (required there, refused otherwise).
         generator: source of the Hutchinson probes.
         progress: show a progress bar over [eps, T].
+        batch_invariant: draw each point's Hutchinson probes from its own Philox stream
+            (keyed by one draw of `generator`), so a point's probes do not depend on the
+            batch; `sample_offset` is then the global index of x's first point (for data
+            sets split into batches or over processes).
 
     Returns:
         `LikelihoodResult`: logp `[B]` (nats), bpd `[B]` (-logp / (D ln 2)), z (x_T),
@@ -429,13 +451,17 @@ def log_likelihood(
     atol = check_positive("atol", atol)
     eps = check_eps(eps, sde)
     _check_generator(generator)
+    batch_invariant = check_bool("batch_invariant", batch_invariant)
+    sample_offset = check_positive_int("sample_offset", sample_offset, minimum=0)
 
     with torch.inference_mode(False), torch.no_grad():
         # A clone outside inference mode, so that autograd may differentiate through it.
         x = x.detach().clone()
         B, dim = x.shape[0], x[0].numel()
         if trace == "hutchinson":
-            cotangents: Any = _draw_probes(x, probe, num_probes, generator)
+            cotangents: Any = _draw_probes(
+                x, probe, num_probes, generator, batch_invariant, sample_offset
+            )
         else:
             cotangents = _one_hot_chunks(x)
         counter = _Counter()
@@ -823,6 +849,7 @@ def dataset_log_likelihood(
     data_range: tuple[float, float] = (-1.0, 1.0),
     convention: str = "levels",
     progress: bool = True,
+    batch_invariant: bool = False,
     **kwargs: Any,
 ) -> DatasetLikelihood:
     """`log_likelihood` over a data set `[N, *D]` in batches, with means and standard errors.
@@ -834,6 +861,11 @@ def dataset_log_likelihood(
         num_bins, data_range, convention: with `num_bins`, bpd is that of the discrete data
             (`bits_per_dim`); without, the continuous -logp / (D ln 2).
         progress: a progress bar over the batches.
+        batch_invariant: every point gets its own Hutchinson probes (Philox streams under
+            one key drawn from the generator), so with a per-sample solver
+            (method="dopri5_per_sample") a point's value depends on nothing else, and with
+            the batch-wide solvers only on its batch of `batch_size` (see
+            `scoresde.distributed.log_likelihood`, which shards those batches).
         **kwargs: passed to `log_likelihood` (trace, probe, num_probes, method, rtol, atol,
             eps, num_steps, generator). One generator serves all batches in turn.
 
@@ -851,14 +883,32 @@ def dataset_log_likelihood(
 
         iterator = tqdm(batches, desc="log-likelihood", unit="batch")
     logps, bpds, nfe = [], [], 0
+    generator = kwargs.pop("generator", None)
+    state = None
+    if check_bool("batch_invariant", batch_invariant):
+        # One key for all batches: every batch restarts from the generator's state.
+        _check_generator(generator)
+        if generator is None:  # one draw of torch's global RNG, as a generator would be
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+        gen_device = generator.device
+        state = generator.get_state()
+    start = 0
     for xb in iterator:
-        res = log_likelihood(score_fn, sde, xb, **kwargs)
+        gen = generator
+        if state is not None:
+            gen = torch.Generator(device=gen_device)
+            gen.set_state(state)
+        extra = {"batch_invariant": True, "sample_offset": start} if batch_invariant else {}
+        res = log_likelihood(score_fn, sde, xb, generator=gen, **extra, **kwargs)
+        start += xb.shape[0]
         nfe += res.nfe
         logps.append(res.logp)
         if num_bins is None:
             bpds.append(res.bpd)
         else:
             bpds.append(bits_per_dim(res.logp, xb, num_bins, data_range, convention))
+    if state is not None and batches:  # advance the generator as one batch's key draw did
+        generator.set_state(gen.get_state())
     logp, bpd = torch.cat(logps), torch.cat(bpds)
     n = logp.shape[0]
 

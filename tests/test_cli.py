@@ -165,14 +165,23 @@ def test_sample_maps_back_through_the_scaler(run_2d: Path, tmp_path: Path) -> No
     got = np.load(out)["samples"]
     assert got.shape == (100, 2)
     assert _is_png(out.with_suffix(".png"))
-    # The same draw by hand: EMA model, same generator, then the stored data scaler.
+    # The same draw by hand: EMA model, same seed, per-sample noise streams (so the
+    # samples do not depend on how the command batches them), then the stored data scaler.
     trainer = Trainer.from_checkpoint(run_2d, device="cpu", distributed=False)
     assert isinstance(trainer.data_scaler, DataScaler)
     x = DPMSolverSampler(trainer.ema_model.sde, num_steps=5).sample(
-        trainer.ema_model, (100, 2), generator=torch.Generator().manual_seed(3)
+        trainer.ema_model,
+        (100, 2),
+        generator=torch.Generator().manual_seed(3),
+        batch_invariant=True,
     )
     expected = trainer.data_scaler.inverse_transform(x.float()).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # --batch-size does not change the samples (issue: batches of 7 used to).
+    out7 = tmp_path / "s7.npz"
+    argv += ["--seed", "3", "--quiet", "--device", "cpu", "--batch-size", "7"]
+    assert _run([*argv, "--out", str(out7)]) == 0
+    np.testing.assert_allclose(np.load(out7)["samples"], got, rtol=1e-6, atol=1e-6)
 
 
 def test_every_sampler_runs(run_2d: Path, tmp_path: Path) -> None:
