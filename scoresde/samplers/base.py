@@ -50,9 +50,24 @@ class CountedScore:
         self.score_fn = score_fn
         self.nfe = 0
         self.last_t: Any = None  # the time of the latest call, to name it in errors
+        # Python-float times -> their [B] tensors, made once per run: a fixed-step loop asks
+        # for the same few grid times, and torch.full at every call is per-step overhead.
+        self._times: dict[tuple[float, int, torch.device, torch.dtype], Tensor] = {}
+
+    def _time(self, t: Any, x: Tensor) -> Tensor:
+        if type(t) is float:
+            key = (t, x.shape[0], x.device, x.dtype)
+            cached = self._times.get(key)
+            if cached is None:
+                # an expanded 0-d tensor: read-only for in-place ops, so it cannot be altered
+                cached = self._times[key] = torch.tensor(t, dtype=x.dtype, device=x.device).expand(
+                    x.shape[0]
+                )
+            return cached
+        return broadcast_time(t, x)
 
     def __call__(self, x: Tensor, t: Any) -> Tensor:
-        out = self.score_fn(x, broadcast_time(t, x))
+        out = self.score_fn(x, self._time(t, x))
         self.nfe += 1
         self.last_t = t
         if not torch.is_tensor(out) or out.shape != x.shape:

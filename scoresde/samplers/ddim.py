@@ -96,11 +96,16 @@ class DDIMSampler(Sampler):
     def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
         co = Coefficients(self.sde, make_grid(self.sde, self.num_steps, self.time_grid, self.eps))
         steps = ddim_coefficients(co, self.eta)
+        fused = []
+        for i, (a, b, _) in enumerate(steps):
+            k = a + b / co.alpha[i]
+            fused.append((k, b * co.sigma[i] ** 2 / (co.alpha[i] * k)))
         for i in ctx.steps(len(steps)):
             a, b, c = steps[i]
-            # b x0_hat = (b / alpha_t) (x + sigma_t^2 s): one op fewer than forming x0_hat.
-            u = torch.add(x, ctx.score(x, co.t[i]), alpha=co.sigma[i] ** 2)
-            x = torch.add(u.mul_(b / co.alpha[i]), x, alpha=a)
+            # a x + (b / alpha_t) (x + sigma_t^2 s) = k (x + (b sigma_t^2 / (alpha_t k)) s),
+            # k = a + b / alpha_t > 0: two fused ops, none on the score's own tensor.
+            k, ks = fused[i]
+            x = torch.add(x, ctx.score(x, co.t[i]), alpha=ks).mul_(k)
             if c > 0.0:
                 x.add_(ctx.randn_like(x), alpha=c)
             x = ctx.after_step(i, co.t[i + 1], x)

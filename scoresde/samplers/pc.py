@@ -533,12 +533,16 @@ class EulerMaruyamaSampler(Sampler):
         x_coef = (1 - h * f).tolist()
         s_coef = (h * g2).tolist()
         noise = torch.sqrt(h * g2).tolist()
+        fuse = min(x_coef) > 0.0  # 1 - h f(t) with f <= 0 for every SDE here
+        s_ratio = [b / a if fuse else 0.0 for a, b in zip(x_coef, s_coef, strict=True)]
         times = grid.tolist()
         n = len(x_coef)
         for i in ctx.steps(n):
-            score = ctx.score(x, times[i])
-            x = torch.add(x * x_coef[i], score, alpha=s_coef[i])
+            if fuse:  # a x + b s = a (x + (b/a) s): two fused ops, no temporary
+                x = torch.add(x, ctx.score(x, times[i]), alpha=s_ratio[i]).mul_(x_coef[i])
+            else:
+                x = torch.add(x * x_coef[i], ctx.score(x, times[i]), alpha=s_coef[i])
             if not (self.denoise and i == n - 1):
-                x = torch.add(x, ctx.randn_like(x), alpha=noise[i])
+                x.add_(ctx.randn_like(x), alpha=noise[i])
             x = ctx.after_step(i, times[i + 1], x)
         return x
