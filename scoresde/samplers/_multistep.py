@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -118,6 +118,27 @@ class MultistepPlan:
     corr: list[list[float] | None]
     s2: list[float]
     slots: int
+    _tables: dict = field(default_factory=dict, repr=False)
+
+    def tables(self, co: Coefficients, x: Tensor) -> tuple[list, list, list]:
+        """The plan as tensors on x's device and dtype (made once per device, dtype and
+        batch size): [B] views of the grid times (CountedScore passes them on without
+        allocating), the predictor rows `[S]` and the corrector rows (None: no corrector)."""
+        key = (x.device, x.dtype, x.shape[0])
+        if key not in self._tables:
+            if len(self._tables) >= 4:
+                self._tables.clear()
+            kw = dict(device=x.device, dtype=x.dtype)
+            times = torch.tensor(co.t, **kw)
+            t_batch = [times[i].expand(x.shape[0]) for i in range(len(co.t))]
+            pred = list(torch.tensor(self.pred, **kw).unbind(0))
+            n = len(self.pred)
+            corr = [
+                torch.tensor(c, **kw) if c is not None and i < n - 1 else None
+                for i, c in enumerate(self.corr)
+            ]
+            self._tables[key] = (t_batch, pred, corr)
+        return self._tables[key]
 
 
 def make_plan(
@@ -168,28 +189,26 @@ def run_plan(
 ) -> Tensor:
     """Integrate x `[B, *D]` from co.t[0] to co.t[-1] with the plan; returns x at the end."""
     n = len(plan.ratio)
-    shape, kw = x.shape, dict(device=x.device, dtype=x.dtype)
-    times = torch.tensor(co.t, **kw)
-    # [B] views of the grid times: CountedScore passes them on without allocating.
-    t_batch = [times[i].expand(shape[0]) for i in range(n + 1)]
-    pred = torch.tensor(plan.pred, **kw)  # [n, S]
-    corr = torch.tensor([c if c is not None else [0.0] * plan.slots for c in plan.corr], **kw)
-    has_corr = [c is not None for c in plan.corr]
+    shape = x.shape
+    t_batch, pred, corr = plan.tables(co, x)
+    noise = [c if c > 0.0 else None for c in plan.noise]
     # Zero-filled: unused slots have weight 0 and must not hold NaN garbage (0 * NaN = NaN).
-    ring = torch.zeros((plan.slots, x.numel()), **kw)
-    ring_t = ring.t()  # [B*D, S]
-    torch.add(x.reshape(-1), ctx.score(x, t_batch[0]).reshape(-1), alpha=plan.s2[0], out=ring[0])
+    ring = torch.zeros((plan.slots, x.numel()), device=x.device, dtype=x.dtype)
+    ring_t, slots = ring.t(), ring.unbind(0)  # [B*D, S] and the S rows
+    torch.add(x.reshape(-1), ctx.score(x, t_batch[0]).reshape(-1), alpha=plan.s2[0], out=slots[0])
     for i in ctx.steps(n):
         flat = torch.addmv(x.reshape(-1), ring_t, pred[i], beta=plan.ratio[i])
         x = flat.view(shape)
-        if plan.noise[i] > 0.0:
-            x.add_(ctx.randn_like(x), alpha=plan.noise[i])
+        if noise[i] is not None:
+            flat.add_(ctx.randn_like(x).reshape(-1), alpha=noise[i])
         if i < n - 1:
-            slot = ring[(i + 1) % plan.slots]
             score = ctx.score(x, t_batch[i + 1])
-            torch.add(flat, score.reshape(-1), alpha=plan.s2[i + 1], out=slot)
-            if has_corr[i]:
-                flat.addmv_(ring_t, corr[i])
+            torch.add(
+                flat, score.reshape(-1), alpha=plan.s2[i + 1], out=slots[(i + 1) % plan.slots]
+            )
+            c = corr[i]
+            if c is not None:
+                flat.addmv_(ring_t, c)
         x = ctx.after_step(i, co.t[i + 1], x)
     return x
 

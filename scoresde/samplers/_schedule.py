@@ -63,3 +63,27 @@ def data_prediction(
     """x0_hat = (x + sigma^2 s(x, t)) / alpha  `[B, *D]` (one NFE)."""
     score = ctx.score(x, t)
     return torch.add(x, score, alpha=sigma * sigma).mul_(1.0 / alpha)
+
+
+def grid_key(kind: Any) -> Any:
+    """A hashable stand-in for a `time_grid` argument (a name, or a user grid's values)."""
+    if isinstance(kind, str):
+        return kind
+    return tuple(torch.as_tensor(kind, dtype=torch.float64).flatten().tolist())
+
+
+def cached(owner: Any, key: tuple[Any, ...], build: Any) -> Any:
+    """`build()` memoised on `owner` under `key` (the settings it depends on).
+
+    A sampler's per-grid coefficients depend only on its settings and its SDE, not on the
+    batch: computing them once (not at every `sample` call) keeps the per-call setup out of
+    the per-step cost of repeated sampling. The key must name every setting used, so a
+    changed attribute gives a fresh entry; at most 8 entries are kept.
+    """
+    cache = owner.__dict__.setdefault("_plan_cache", {})
+    full_key = (id(owner.sde), *key)
+    if full_key not in cache:
+        if len(cache) >= 8:
+            cache.clear()
+        cache[full_key] = build()
+    return cache[full_key]

@@ -41,6 +41,7 @@ import torch
 
 from scoresde._validation import check_bool, check_choice, check_positive_int
 from scoresde.samplers._multistep import (
+    MultistepPlan,
     exp_integral_weights,
     make_plan,
     resolve_taus,
@@ -49,8 +50,10 @@ from scoresde.samplers._multistep import (
 )
 from scoresde.samplers._schedule import (
     Coefficients,
+    cached,
     check_grid,
     data_prediction,
+    grid_key,
     make_grid,
 )
 from scoresde.samplers.base import Sampler, SamplingContext
@@ -102,12 +105,18 @@ class DPMSolverSampler(Sampler):
         self.denoise = check_bool("denoise", denoise)
         self.stochastic = check_bool("stochastic", stochastic)
 
-    def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
+    def _plan(self) -> tuple[Coefficients, MultistepPlan]:
         co = Coefficients(self.sde, make_grid(self.sde, self.num_steps, self.time_grid, self.eps))
         orders = step_orders(co.lam, self.order, self.lower_order_final)
         corr = [k + 1 for k in orders] if self.corrector else [0] * len(orders)
         taus = resolve_taus(1.0 if self.stochastic else 0.0, co)
-        x = run_plan(ctx, x, co, make_plan(co, orders, corr, taus))
+        return co, make_plan(co, orders, corr, taus)
+
+    def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
+        key = (self.num_steps, grid_key(self.time_grid), self.eps, self.order)
+        key += (self.lower_order_final, self.corrector, self.stochastic)
+        co, plan = cached(self, key, self._plan)
+        x = run_plan(ctx, x, co, plan)
         if self.denoise:
             x = data_prediction(ctx, x, co.t[-1], co.alpha[-1], co.sigma[-1])
         return x

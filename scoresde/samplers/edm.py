@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from scoresde._validation import check_bool, check_positive
-from scoresde.samplers._schedule import check_grid, make_grid
+from scoresde.samplers._schedule import cached, check_grid, grid_key, make_grid
 from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.sdes import SDE
 
@@ -110,7 +110,9 @@ class EDMSampler(Sampler):
         return plan, t_end, *ends
 
     def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
-        plan, t_end, a_end, s_end, a_start = self._plan()
+        key = (self.num_steps, grid_key(self.time_grid), self.eps, self.rho, self.S_churn)
+        key += (self.S_tmin, self.S_tmax, self.S_noise)
+        plan, t_end, a_end, s_end, a_start = cached(self, key, self._plan)
         last = len(plan) - 1
         x = x * (1.0 / a_start)  # x_hat at the grid's first time (T unless a user grid)
         plain = ctx.callback is None  # no callback: the guard may look at x_hat directly

@@ -29,11 +29,19 @@ from typing import Any
 import torch
 
 from scoresde._validation import check_bool, check_choice, check_positive, check_positive_int
-from scoresde.samplers._multistep import make_plan, resolve_taus, run_plan, step_orders
+from scoresde.samplers._multistep import (
+    MultistepPlan,
+    make_plan,
+    resolve_taus,
+    run_plan,
+    step_orders,
+)
 from scoresde.samplers._schedule import (
     Coefficients,
+    cached,
     check_grid,
     data_prediction,
+    grid_key,
     make_grid,
 )
 from scoresde.samplers.base import Sampler, SamplingContext
@@ -102,13 +110,18 @@ class SASolverSampler(Sampler):
         T = self.sde.T
         return 1.0 if 0.2 * T <= t <= 0.8 * T else 0.0
 
-    def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
+    def _plan(self) -> tuple[Coefficients, MultistepPlan]:
         co = Coefficients(self.sde, make_grid(self.sde, self.num_steps, self.time_grid, self.eps))
         orders = step_orders(co.lam, self.predictor_order, self.lower_order_final)
         # The corrector never reaches further back than one past the predictor's points.
         corr = [min(self.corrector_order, k + 1) for k in orders]
         tau = self.tau if self.tau is not None else self._middle_tau
-        plan = make_plan(co, orders, corr, resolve_taus(tau, co))
+        return co, make_plan(co, orders, corr, resolve_taus(tau, co))
+
+    def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
+        key = (self.num_steps, grid_key(self.time_grid), self.eps, self.predictor_order)
+        key += (self.corrector_order, self.tau, self.lower_order_final)
+        co, plan = cached(self, key, self._plan)
         x = run_plan(ctx, x, co, plan)
         if self.denoise:
             x = data_prediction(ctx, x, co.t[-1], co.alpha[-1], co.sigma[-1])
