@@ -265,8 +265,26 @@ def run_overhead(
             eps = -x
             x = a * x + b * eps + c * torch.randn(x.shape, generator=gen, dtype=x.dtype)
 
+    def bare_multistep(n: int, order: int = 3) -> None:
+        # What a plain torch DPM-Solver++ kM step is: the data prediction, then
+        # x <- r x + sum_j w_j d_j over the last `order` predictions (no corrector).
+        x = x_T
+        hist: list[Tensor] = []
+        w = (0.5, -0.3, 0.1)[:order]
+        for _ in range(n):
+            eps = -x
+            hist = [x + 0.01 * eps, *hist][:order]
+            out = 0.99 * x
+            for wj, d in zip(w, hist, strict=False):
+                out = out + wj * d
+            x = out
+
     bare_s, bare_med = _time_per_step(bare, num_steps, repeats)
     noise_s, _ = _time_per_step(bare_noise, num_steps, repeats)
+    ms_s = {
+        k: _time_per_step(lambda n, k=k: bare_multistep(n, k), num_steps, repeats)[0]
+        for k in (2, 3)
+    }
     rows = []
     for method in methods:
         if method.adaptive or method.sde_kind != "vp":
@@ -280,6 +298,7 @@ def run_overhead(
         try:
             per_step, median = _time_per_step(one_run, num_steps, repeats)
             nfe_per_step = problem.score.nfe / num_steps
+            same, same_name = _same_update(method, nfe_per_step, bare_s, noise_s, ms_s)
             rows.append(
                 {
                     "method": method.name,
@@ -290,6 +309,8 @@ def run_overhead(
                     "ratio_to_bare": per_step / bare_s,
                     "ratio_to_bare_noise": per_step / noise_s,
                     "nfe_per_step": nfe_per_step,
+                    "ratio_to_same_update": per_step / same,
+                    "same_update": same_name,
                 }
             )
         except Exception as err:
@@ -302,8 +323,24 @@ def run_overhead(
         "bare_us_per_step": bare_s * 1e6,
         "bare_median_us_per_step": bare_med * 1e6,
         "bare_noise_us_per_step": noise_s * 1e6,
+        "bare_multistep_us_per_step": {str(k): v * 1e6 for k, v in ms_s.items()},
         "rows": rows,
     }
+
+
+def _same_update(
+    method: Method, nfe_per_step: float, bare: float, noise: float, ms: dict[int, float]
+) -> tuple[float, str]:
+    """The bare torch loop that does the same work per step as `method`: one bare update per
+    score evaluation, with one torch.randn each for stochastic methods (noise draws per step
+    = NFE per step for every stochastic sampler here), or the plain kM multistep update for
+    DPM-Solver++ kM (ODE)."""
+    if not method.deterministic:
+        return noise * nfe_per_step, f"bare + randn x {nfe_per_step:g}"
+    for k in (3, 2):
+        if f"{k}M" in method.name and nfe_per_step == 1:
+            return ms[k], f"bare {k}M"
+    return bare * nfe_per_step, f"bare x {nfe_per_step:g}"
 
 
 # --- entry point ------------------------------------------------------------------------------
