@@ -72,7 +72,8 @@ def test_non_finite_error_names_step_and_time() -> None:
     caught = int(re.search(r"after step (\d+) \(t = ([0-9.]+)\)", message).group(1))
     assert first_bad <= caught < first_bad + 8
     assert f"t = {grid[caught + 1]:.6g}" in message
-    low, high = map(int, re.search(r"first appeared between step (\d+) and step (\d+)", message).groups())
+    window = re.search(r"first appeared between step (\d+) and step (\d+)", message)
+    low, high = map(int, window.groups())
     assert low <= first_bad <= high == caught
     assert first_bad + 1 <= sampler.nfe <= first_bad + 8
     # With a callback (which may replace the state) every step is checked: exact step and time.
