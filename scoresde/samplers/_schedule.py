@@ -13,6 +13,7 @@ cosine VP alike.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -72,18 +73,31 @@ def grid_key(kind: Any) -> Any:
     return tuple(torch.as_tensor(kind, dtype=torch.float64).flatten().tolist())
 
 
+_PLANS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_MAX_PLANS = 32
+
+
+def _sde_key(sde: SDE) -> tuple[Any, ...]:
+    """The SDE's class and scalar settings (its tensors derive from them)."""
+    scalars = sorted((k, v) for k, v in vars(sde).items() if isinstance(v, (bool, int, float, str)))
+    return (type(sde), *scalars)
+
+
 def cached(owner: Any, key: tuple[Any, ...], build: Any) -> Any:
-    """`build()` memoised on `owner` under `key` (the settings it depends on).
+    """`build()` memoised under (the sampler's class, its SDE's settings, `key`).
 
     A sampler's per-grid coefficients depend only on its settings and its SDE, not on the
-    batch: computing them once (not at every `sample` call) keeps the per-call setup out of
-    the per-step cost of repeated sampling. The key must name every setting used, so a
-    changed attribute gives a fresh entry; at most 8 entries are kept.
+    batch: computing them once per process (not at every `sample` call, nor for every new
+    sampler object with the same settings) keeps the setup out of the per-step cost of
+    repeated sampling. `key` must name every setting `build` uses; the 32 most recently used
+    plans are kept.
     """
-    cache = owner.__dict__.setdefault("_plan_cache", {})
-    full_key = (id(owner.sde), *key)
-    if full_key not in cache:
-        if len(cache) >= 8:
-            cache.clear()
-        cache[full_key] = build()
-    return cache[full_key]
+    full_key = (type(owner), _sde_key(owner.sde), *key)
+    plan = _PLANS.get(full_key)
+    if plan is None:
+        plan = _PLANS[full_key] = build()
+        if len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(full_key)
+    return plan
