@@ -137,5 +137,5 @@ class EDMSampler(Sampler):
         if self.denoise:
             # D(x_hat, sigma) = x_hat + sigma_t sigma_edm score(alpha x_hat, t) = x0_hat.
             score = ctx.score(x * a_end, t_end)
-            return x.add_(score, alpha=s_end * s_end / a_end)
+            return x.add(score, alpha=s_end * s_end / a_end)  # not in place: x was guarded
         return x * a_end
