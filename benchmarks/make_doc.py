@@ -76,6 +76,10 @@ def repl(m):
         lines = (R / f"{key}.md").read_text().splitlines()[1:]  # the page has its title
         body = "\n".join(ln for ln in lines if not ln.startswith("Command:"))
         return demote(demote(body)).strip()
+    if key == "few_step":
+        lines = (R / "few_step.md").read_text().splitlines()[1:]  # the page has its title
+        body = "\n".join(ln for ln in lines if not ln.startswith("Command:"))
+        return demote(body).strip()
     if key == "trained":
         p = R / "trained.md"
         if p.is_file():

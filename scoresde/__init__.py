@@ -31,6 +31,7 @@ from scoresde.samplers import (
     EulerMaruyamaSampler,
     ODESampler,
     PCSampler,
+    SASolverSampler,
     optimize_time_grid,
 )
 from scoresde.sdes import SDE, VESDE, VPSDE, CosineVPSDE, ReverseSDE, SubVPSDE
@@ -69,6 +70,7 @@ __all__ = [
     "EDMSampler",
     "AdaptiveSDESampler",
     "PCSampler",
+    "SASolverSampler",
     "EulerMaruyamaSampler",
     "ODESampler",
     "optimize_time_grid",

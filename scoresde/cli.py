@@ -576,7 +576,7 @@ def _plot_samples(samples: Any, path: Path, title: str, scaler: Any = None) -> P
 
 # --- samplers by name ---------------------------------------------------------------------------
 
-DEFAULT_STEPS = {"pc": 500, "em": 500, "ode": 100, "ddim": 50, "dpm": 20, "edm": 50}
+DEFAULT_STEPS = {"pc": 500, "em": 500, "ode": 100, "ddim": 50, "dpm": 20, "edm": 50, "sa": 20}
 
 
 def _make_sampler(name: str, sde: Any, steps: int | None, rtol: float | None = None) -> Any:

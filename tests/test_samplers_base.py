@@ -4,6 +4,8 @@ check, seeded determinism, batch invariance, progress bars, x_init, dtypes and d
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -64,9 +66,21 @@ def test_non_finite_error_names_step_and_time() -> None:
     first_bad = next(i for i, t in enumerate(grid) if t < 0.5)
     with pytest.raises(NonFiniteError) as info:
         sampler.sample(score, (8, 2), generator=gen())
+    # The CPU guard sums the state every 8 steps (amortised): the report names the step
+    # where the NaN was caught and the window in which it first appeared.
     message = str(info.value)
-    assert f"step {first_bad}" in message
-    assert f"t = {grid[first_bad + 1]:.6g}" in message
+    caught = int(re.search(r"after step (\d+) \(t = ([0-9.]+)\)", message).group(1))
+    assert first_bad <= caught < first_bad + 8
+    assert f"t = {grid[caught + 1]:.6g}" in message
+    window = re.search(r"first appeared between step (\d+) and step (\d+)", message)
+    low, high = map(int, window.groups())
+    assert low <= first_bad <= high == caught
+    assert first_bad + 1 <= sampler.nfe <= first_bad + 8
+    # With a callback (which may replace the state) every step is checked: exact step and time.
+    with pytest.raises(NonFiniteError) as info:
+        sampler.sample(score, (8, 2), generator=gen(), callback=lambda *a: None)
+    message = str(info.value)
+    assert f"after step {first_bad} (t = {grid[first_bad + 1]:.6g})" in message
     assert sampler.nfe == first_bad + 1
     # The ODE sampler and an infinite value are caught the same way.
     with pytest.raises(NonFiniteError, match="step 0"):

@@ -372,6 +372,18 @@ def _diffusers_methods() -> list[Method]:
             det=False,
             setting="fixed_small",
         ),
+        m(
+            "diffusers SDE-DPM++ 2M",
+            lambda: d.DPMSolverMultistepScheduler(**_VP_KW, algorithm_type="sde-dpmsolver++"),
+            det=False,
+            setting="sde-dpmsolver++, order 2, midpoint",
+        ),
+        m(
+            "diffusers SA-Solver",
+            lambda: d.SASolverScheduler(**_VP_KW),
+            det=False,
+            setting="predictor 2, corrector 2, tau 1 on t in [200, 800]",
+        ),
         Method(
             "diffusers ScoreSdeVp",
             _score_sde_vp,
@@ -647,6 +659,21 @@ _SCORESDE_SPECS: list[tuple[str, str, dict, bool, bool]] = [
         False,
     ),
     ("scoresde DDIM eta=1", "DDIMSampler", {"eta": 1.0}, False, False),
+    ("scoresde SA-Solver", "SASolverSampler", {}, False, False),
+    (
+        "scoresde SDE-DPM-Solver++ 3M",
+        "DPMSolverSampler",
+        {"stochastic": True},
+        False,
+        False,
+    ),
+    (
+        "scoresde SDE-DPM-Solver++ 2M",
+        "DPMSolverSampler",
+        {"order": 2, "stochastic": True, "corrector": False},
+        False,
+        False,
+    ),
     ("scoresde EDM churn", "EDMSampler", {"S_churn": 40.0}, False, False),
     ("scoresde AdaptiveSDE", "AdaptiveSDESampler", {}, False, True),
 ]

@@ -226,19 +226,35 @@ def _overhead_md(results: dict) -> list[str]:
         ),
         "Times are the fastest of the repeats (the machine is shared); medians in the JSON.",
         "",
+    ]
+    if "bare_multistep_us_per_step" in ov:
+        ms = ov["bare_multistep_us_per_step"]
+        out += [
+            "'Same update': a bare torch loop doing the same work per step - one bare update "
+            "per score evaluation (plus one torch.randn each for stochastic methods), or for "
+            "DPM-Solver++ kM the plain multistep update x <- r x + sum_j w_j d_j over k past "
+            f"data predictions (2M: {_fmt(ms['2'], 1)} us, 3M: {_fmt(ms['3'], 1)} us).",
+            "",
+        ]
+    out += [
         "| method | stochastic | us per step | ratio to bare | ratio to bare + randn "
-        "| NFE per step |",
-        "|---|---|---|---|---|---|",
+        "| ratio to the same update (which) | NFE per step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in ov["rows"]:
         if "error" in r:
-            out.append(f"| {r['method']} | | fails | | | |")
+            out.append(f"| {r['method']} | | fails | | | | |")
         else:
             noise = _fmt(r["ratio_to_bare_noise"], 2) if "ratio_to_bare_noise" in r else "-"
+            same = (
+                f"{_fmt(r['ratio_to_same_update'], 2)} ({r['same_update']})"
+                if "ratio_to_same_update" in r
+                else "-"
+            )
             out.append(
                 f"| {r['method']} | {'yes' if r.get('stochastic') else 'no'} "
                 f"| {_fmt(r['us_per_step'], 1)} | {_fmt(r['ratio_to_bare'], 1)}"
-                f" | {noise} | {_fmt(r['nfe_per_step'], 2)} |"
+                f" | {noise} | {same} | {_fmt(r['nfe_per_step'], 2)} |"
             )
     return out + [""]
 

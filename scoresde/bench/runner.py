@@ -244,9 +244,11 @@ def run_overhead(
 ) -> dict[str, Any]:
     """Per-step wall time of each method with the trivial model score(x, t) = -x (the exact
     score of N(0, I), so the model itself costs one negation) on `[batch, 2]`, and the ratio
-    to a bare torch update x <- a x + b eps timed in the same run. A second reference, the
-    bare update plus one `torch.randn` of the batch, is the floor of any stochastic step
-    (drawing the noise costs more than the update on a CPU)."""
+    to a bare torch update x <- a x + b eps. A second reference, the bare update plus one
+    `torch.randn` of the batch, is the floor of any stochastic step (drawing the noise costs
+    more than the update on a CPU); a third, the plain DPM-Solver++ kM update. Each method's
+    ratios use references timed interleaved with it (repeat by repeat), so load changes on a
+    shared machine do not bias them; the run-level reference figures are for display."""
     sde = make_sde("vp")
     x_T = torch.randn(batch, 2, generator=torch.Generator().manual_seed(0), dtype=dtype)
 
@@ -265,8 +267,28 @@ def run_overhead(
             eps = -x
             x = a * x + b * eps + c * torch.randn(x.shape, generator=gen, dtype=x.dtype)
 
+    def bare_multistep(n: int, order: int = 3) -> None:
+        # What a plain torch DPM-Solver++ kM step is: the data prediction, then
+        # x <- r x + sum_j w_j d_j over the last `order` predictions (no corrector).
+        x = x_T
+        hist: list[Tensor] = []
+        w = (0.5, -0.3, 0.1)[:order]
+        for _ in range(n):
+            eps = -x
+            hist = [x + 0.01 * eps, *hist][:order]
+            out = 0.99 * x
+            for wj, d in zip(w, hist, strict=False):
+                out = out + wj * d
+            x = out
+
     bare_s, bare_med = _time_per_step(bare, num_steps, repeats)
     noise_s, _ = _time_per_step(bare_noise, num_steps, repeats)
+    ms_s = {
+        k: _time_per_step(lambda n, k=k: bare_multistep(n, k), num_steps, repeats)[0]
+        for k in (2, 3)
+    }
+    refs = {"bare": bare, "noise": bare_noise}
+    refs.update({f"ms{k}": (lambda n, k=k: bare_multistep(n, k)) for k in (2, 3)})
     rows = []
     for method in methods:
         if method.adaptive or method.sde_kind != "vp":
@@ -278,8 +300,26 @@ def run_overhead(
             method(problem, x_T, n, gen)
 
         try:
-            per_step, median = _time_per_step(one_run, num_steps, repeats)
+            # The method and every reference are timed in turn within each repeat, so a load
+            # change on the shared machine hits both sides of the ratio alike.
+            one_run(num_steps)
+            problem.score.nfe = 0
+            one_run(num_steps)
             nfe_per_step = problem.score.nfe / num_steps
+            best = {name: math.inf for name in (*refs, "method")}
+            times = []
+            for _ in range(repeats):
+                for name, fn in (*refs.items(), ("method", one_run)):
+                    start = time.perf_counter()
+                    fn(num_steps)
+                    per = (time.perf_counter() - start) / num_steps
+                    best[name] = min(best[name], per)
+                    if name == "method":
+                        times.append(per)
+            per_step, median = best["method"], sorted(times)[len(times) // 2]
+            same, same_name = _same_update(
+                method, nfe_per_step, best["bare"], best["noise"], {2: best["ms2"], 3: best["ms3"]}
+            )
             rows.append(
                 {
                     "method": method.name,
@@ -287,9 +327,12 @@ def run_overhead(
                     "stochastic": not method.deterministic,
                     "us_per_step": per_step * 1e6,
                     "median_us_per_step": median * 1e6,
-                    "ratio_to_bare": per_step / bare_s,
-                    "ratio_to_bare_noise": per_step / noise_s,
+                    "ratio_to_bare": per_step / best["bare"],
+                    "ratio_to_bare_noise": per_step / best["noise"],
                     "nfe_per_step": nfe_per_step,
+                    "ratio_to_same_update": per_step / same,
+                    "same_update": same_name,
+                    "reference_us": {k: best[k] * 1e6 for k in refs},
                 }
             )
         except Exception as err:
@@ -302,8 +345,24 @@ def run_overhead(
         "bare_us_per_step": bare_s * 1e6,
         "bare_median_us_per_step": bare_med * 1e6,
         "bare_noise_us_per_step": noise_s * 1e6,
+        "bare_multistep_us_per_step": {str(k): v * 1e6 for k, v in ms_s.items()},
         "rows": rows,
     }
+
+
+def _same_update(
+    method: Method, nfe_per_step: float, bare: float, noise: float, ms: dict[int, float]
+) -> tuple[float, str]:
+    """The bare torch loop that does the same work per step as `method`: one bare update per
+    score evaluation, with one torch.randn each for stochastic methods (noise draws per step
+    = NFE per step for every stochastic sampler here), or the plain kM multistep update for
+    DPM-Solver++ kM (ODE)."""
+    if not method.deterministic:
+        return noise * nfe_per_step, f"bare + randn x {nfe_per_step:g}"
+    for k in (3, 2):
+        if f"{k}M" in method.name and nfe_per_step == 1:
+            return ms[k], f"bare {k}M"
+    return bare * nfe_per_step, f"bare x {nfe_per_step:g}"
 
 
 # --- entry point ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from scoresde.samplers.pc import (
     PCSampler,
     Predictor,
 )
+from scoresde.samplers.sa_solver import SASolverSampler
 from scoresde.samplers.schedules import optimize_time_grid
 
 #: The one registry of samplers: short name (the CLI's `--sampler`) -> sampler class. The
@@ -32,9 +33,10 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "dpm": DPMSolverSampler,
     "edm": EDMSampler,
     "adaptive": AdaptiveSDESampler,
+    "sa": SASolverSampler,
 }
 
 __all__ = ["SAMPLERS", "Sampler", "SamplingContext", "NonFiniteError", "time_grid", "GRIDS"]
 __all__ += ["DDIMSampler", "DPMSolverSampler", "EDMSampler", "AdaptiveSDESampler"]
 __all__ += ["PCSampler", "EulerMaruyamaSampler", "ODESampler", "Predictor", "Corrector"]
-__all__ += ["PCContext", "optimize_time_grid"]
+__all__ += ["PCContext", "optimize_time_grid", "SASolverSampler"]

@@ -13,6 +13,7 @@ cosine VP alike.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -63,3 +64,40 @@ def data_prediction(
     """x0_hat = (x + sigma^2 s(x, t)) / alpha  `[B, *D]` (one NFE)."""
     score = ctx.score(x, t)
     return torch.add(x, score, alpha=sigma * sigma).mul_(1.0 / alpha)
+
+
+def grid_key(kind: Any) -> Any:
+    """A hashable stand-in for a `time_grid` argument (a name, or a user grid's values)."""
+    if isinstance(kind, str):
+        return kind
+    return tuple(torch.as_tensor(kind, dtype=torch.float64).flatten().tolist())
+
+
+_PLANS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_MAX_PLANS = 32
+
+
+def _sde_key(sde: SDE) -> tuple[Any, ...]:
+    """The SDE's class and scalar settings (its tensors derive from them)."""
+    scalars = sorted((k, v) for k, v in vars(sde).items() if isinstance(v, (bool, int, float, str)))
+    return (type(sde), *scalars)
+
+
+def cached(owner: Any, key: tuple[Any, ...], build: Any) -> Any:
+    """`build()` memoised under (the sampler's class, its SDE's settings, `key`).
+
+    A sampler's per-grid coefficients depend only on its settings and its SDE, not on the
+    batch: computing them once per process (not at every `sample` call, nor for every new
+    sampler object with the same settings) keeps the setup out of the per-step cost of
+    repeated sampling. `key` must name every setting `build` uses; the 32 most recently used
+    plans are kept.
+    """
+    full_key = (type(owner), _sde_key(owner.sde), *key)
+    plan = _PLANS.get(full_key)
+    if plan is None:
+        plan = _PLANS[full_key] = build()
+        if len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(full_key)
+    return plan

@@ -27,8 +27,10 @@ import torch
 from scoresde._validation import check_bool, check_positive
 from scoresde.samplers._schedule import (
     Coefficients,
+    cached,
     check_grid,
     data_prediction,
+    grid_key,
     make_grid,
 )
 from scoresde.samplers.base import Sampler, SamplingContext
@@ -93,14 +95,24 @@ class DDIMSampler(Sampler):
             raise ValueError(f"eta must be in [0, 1], got {eta!r}")
         self.denoise = check_bool("denoise", denoise)
 
-    def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
+    def _plan(self) -> tuple[Coefficients, list[tuple[float, float, float]], list]:
         co = Coefficients(self.sde, make_grid(self.sde, self.num_steps, self.time_grid, self.eps))
         steps = ddim_coefficients(co, self.eta)
+        fused = []
+        for i, (a, b, _) in enumerate(steps):
+            k = a + b / co.alpha[i]
+            fused.append((k, b * co.sigma[i] ** 2 / (co.alpha[i] * k)))
+        return co, steps, fused
+
+    def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
+        key = (self.num_steps, grid_key(self.time_grid), self.eps, self.eta)
+        co, steps, fused = cached(self, key, self._plan)
         for i in ctx.steps(len(steps)):
             a, b, c = steps[i]
-            # b x0_hat = (b / alpha_t) (x + sigma_t^2 s): one op fewer than forming x0_hat.
-            u = torch.add(x, ctx.score(x, co.t[i]), alpha=co.sigma[i] ** 2)
-            x = torch.add(u.mul_(b / co.alpha[i]), x, alpha=a)
+            # a x + (b / alpha_t) (x + sigma_t^2 s) = k (x + (b sigma_t^2 / (alpha_t k)) s),
+            # k = a + b / alpha_t > 0: two fused ops, none on the score's own tensor.
+            k, ks = fused[i]
+            x = torch.add(x, ctx.score(x, co.t[i]), alpha=ks).mul_(k)
             if c > 0.0:
                 x.add_(ctx.randn_like(x), alpha=c)
             x = ctx.after_step(i, co.t[i + 1], x)

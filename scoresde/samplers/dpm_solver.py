@@ -21,82 +21,45 @@ The corrector (Zhao et al. 2023, UniPC's idea; `corrector=True`) costs no NFE: a
 predictor reaches x_s, the data prediction at x_s that the next step needs anyway is
 evaluated, and x_s is recomputed from x_t with the interpolant through that new value too
 (order k + 1). The last step is not corrected (it would need one more evaluation).
+
+`stochastic=True` is SDE-DPM-Solver++ (Lu et al. 2022b, Sec. 5; diffusers'
+"sde-dpmsolver++", k-diffusion's dpmpp_2m_sde / dpmpp_3m_sde): the same multistep
+interpolation of x0, integrated against the reverse SDE's kernel instead of the ODE's,
+
+    x_s = (sigma_s / sigma_t) e^{-h} x_t + alpha_s int_{-h}^0 2 e^{2u} x0(lambda_s + u) du
+          + sigma_s sqrt(1 - e^{-2h}) z,
+
+so k = 1 is DDPM's ancestral step (DDIM with eta = 1). The engine, with the general noise
+level tau (SA-Solver), is `scoresde.samplers._multistep`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from scoresde._validation import check_bool, check_choice, check_positive_int
+from scoresde.samplers._multistep import (
+    MultistepPlan,
+    exp_integral_weights,
+    make_plan,
+    resolve_taus,
+    run_plan,
+    step_orders,
+)
 from scoresde.samplers._schedule import (
     Coefficients,
+    cached,
     check_grid,
     data_prediction,
+    grid_key,
     make_grid,
 )
 from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
-
-# 16-point Gauss–Legendre rule on [-1, 1]: exact for polynomials of degree 31; the
-# integrands e^u L_j(u) (degree <= 3 polynomials times e^u, |u| <= h) are resolved to
-# round-off for any step h of a practical grid.
-_GL_NODES, _GL_WEIGHTS = None, None
-
-
-def _gauss_legendre() -> tuple[list[float], list[float]]:
-    global _GL_NODES, _GL_WEIGHTS
-    if _GL_NODES is None:
-        import numpy as np  # once, at import of the first run; never in the loop
-
-        nodes, weights = np.polynomial.legendre.leggauss(16)
-        _GL_NODES, _GL_WEIGHTS = nodes.tolist(), weights.tolist()
-    return _GL_NODES, _GL_WEIGHTS
-
-
-def exp_integral_weights(h: float, nodes: list[float], alpha_s: float) -> list[float]:
-    """w_j = alpha_s int_{-h}^{0} e^u L_j(u) du for the Lagrange basis on `nodes` (u = lambda -
-    lambda_s, so nodes lie in [-h, 0] for a corrector and at or left of -h for a predictor)."""
-    if len(nodes) == 1:
-        return [-alpha_s * math.expm1(-h)]  # exact: alpha_s (1 - e^{-h})
-    xs, ws = _gauss_legendre()
-    out = []
-    for j, nu_j in enumerate(nodes):
-        total = 0.0
-        for xq, wq in zip(xs, ws, strict=True):
-            u = 0.5 * h * (xq - 1.0)
-            basis = 1.0
-            for m, nu_m in enumerate(nodes):
-                if m != j:
-                    basis *= (u - nu_m) / (nu_j - nu_m)
-            total += wq * math.exp(u) * basis
-        out.append(alpha_s * 0.5 * h * total)
-    return out
-
-
-def step_orders(lam: list[float], order: int, lower_order_final: bool) -> list[int]:
-    """The order of each step on a grid with log-SNR values `lam` (lambda = log(alpha/sigma)).
-
-    Warm-up: min(order, i + 1). With `lower_order_final`, the final steps near sigma = 0 use
-    min(., num_steps - i) (so the last is first order) when there are fewer than 15 steps (as
-    in Lu et al.'s and diffusers' solvers), and any step more than twice as long in lambda as
-    the one before it does too: extrapolating the data prediction that far past the last
-    points is what blows up (e.g. a time-uniform grid's last step, h ratio ~4).
-    """
-    n = len(lam) - 1
-    orders = []
-    for i in range(n):
-        k = min(order, i + 1)
-        h = lam[i + 1] - lam[i]
-        long_step = i > 0 and h > 2.0 * (lam[i] - lam[i - 1])
-        if lower_order_final and (n < 15 or long_step):
-            k = min(k, n - i)
-        orders.append(k)
-    return orders
 
 
 class DPMSolverSampler(Sampler):
@@ -116,6 +79,9 @@ class DPMSolverSampler(Sampler):
             step is over twice as long in lambda as the previous one (see `step_orders`).
         corrector: UniPC-style corrector of order+1 reusing the next evaluation (no NFE).
         denoise: finish with a Tweedie step x0_hat(x, eps) (one more NFE; "denoise to zero").
+        stochastic: SDE-DPM-Solver++ (order 1-3 "M" variants; one Gaussian draw per step)
+            instead of the probability-flow ODE. `corrector` then re-does each step with the
+            same noise (the SA-Solver corrector with tau = 1).
     """
 
     def __init__(
@@ -128,6 +94,7 @@ class DPMSolverSampler(Sampler):
         lower_order_final: bool = True,
         corrector: bool = True,
         denoise: bool = False,
+        stochastic: bool = False,
     ) -> None:
         super().__init__(sde)
         self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps)
@@ -136,57 +103,23 @@ class DPMSolverSampler(Sampler):
         self.lower_order_final = check_bool("lower_order_final", lower_order_final)
         self.corrector = check_bool("corrector", corrector)
         self.denoise = check_bool("denoise", denoise)
+        self.stochastic = check_bool("stochastic", stochastic)
 
-    def _plan(self, co: Coefficients) -> list[tuple[float, list[float], list[float]]]:
-        """Per step: (sigma_s/sigma_t, predictor weights, corrector increments or []).
-
-        The loop keeps u_j = alpha_j x0_j = x_j + sigma_j^2 s_j (one op per evaluation), so
-        each weight is divided by its node's alpha_j here; the corrector is applied as an
-        increment on the predicted x (corrector weights minus predictor weights).
-        """
-        n = len(co.t) - 1
+    def _plan(self) -> tuple[Coefficients, MultistepPlan]:
+        co = Coefficients(self.sde, make_grid(self.sde, self.num_steps, self.time_grid, self.eps))
         orders = step_orders(co.lam, self.order, self.lower_order_final)
-        plan = []
-        for i in range(n):
-            k, lam_s = orders[i], co.lam[i + 1]
-            h = lam_s - co.lam[i]
-            past = [co.lam[i - j] - lam_s for j in range(k)]  # lambda_i, lambda_{i-1}, ...
-            scale = [1.0 / co.alpha[i - j] for j in range(k)]
-            pred = exp_integral_weights(h, past, co.alpha[i + 1])
-            corr: list[float] = []
-            if self.corrector and i < n - 1:
-                full = exp_integral_weights(h, [0.0, *past], co.alpha[i + 1])
-                corr = [full[0] / co.alpha[i + 1]]
-                corr += [(c - p) * a for c, p, a in zip(full[1:], pred, scale, strict=True)]
-            pred = [w * a for w, a in zip(pred, scale, strict=True)]
-            plan.append((co.sigma[i + 1] / co.sigma[i], pred, corr))
-        return plan
+        corr = [k + 1 for k in orders] if self.corrector else [0] * len(orders)
+        taus = resolve_taus(1.0 if self.stochastic else 0.0, co)
+        return co, make_plan(co, orders, corr, taus)
 
     def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
-        co = Coefficients(self.sde, make_grid(self.sde, self.num_steps, self.time_grid, self.eps))
-        plan = self._plan(co)
-        history: list[Tensor] = []  # u_j = alpha_j x0_j = x_j + sigma_j^2 s_j, newest first
-        u = torch.add(x, ctx.score(x, co.t[0]), alpha=co.sigma[0] ** 2)
-        last = len(plan) - 1
-        for i in ctx.steps(len(plan)):
-            ratio, pred, corr = plan[i]
-            history.insert(0, u)
-            del history[self.order :]
-            x = _combine(x, ratio, pred, history)
-            if i < last:
-                s2 = co.sigma[i + 1] ** 2
-                u = torch.add(x, ctx.score(x, co.t[i + 1]), alpha=s2)
-                for w, v in zip(corr, [u, *history], strict=False):
-                    x.add_(v, alpha=w)  # the corrector, reusing the next step's evaluation
-            x = ctx.after_step(i, co.t[i + 1], x)
+        key = (self.num_steps, grid_key(self.time_grid), self.eps, self.order)
+        key += (self.lower_order_final, self.corrector, self.stochastic)
+        co, plan = cached(self, key, self._plan)
+        x = run_plan(ctx, x, co, plan)
         if self.denoise:
             x = data_prediction(ctx, x, co.t[-1], co.alpha[-1], co.sigma[-1])
         return x
 
 
-def _combine(x: Tensor, ratio: float, weights: list[float], values: list[Tensor]) -> Tensor:
-    """ratio * x + sum_j weights[j] * values[j] (values newest first; len(weights) used)."""
-    out = torch.mul(x, ratio)
-    for w, v in zip(weights, values, strict=False):
-        out.add_(v, alpha=w)
-    return out
+__all__ = ["DPMSolverSampler", "exp_integral_weights", "step_orders"]

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from scoresde._validation import check_bool, check_eps, check_positive, check_positive_int
-from scoresde.samplers._schedule import check_grid, make_grid
+from scoresde.samplers._schedule import cached, check_grid, grid_key, make_grid
 from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.sdes import SDE, VESDE, VPSDE, CosineVPSDE, SubVPSDE
 
@@ -524,7 +524,7 @@ class EulerMaruyamaSampler(Sampler):
         self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps)
         self.denoise = check_bool("denoise", denoise)
 
-    def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
+    def _plan(self) -> tuple[list[float], ...]:
         grid = make_grid(self.sde, self.num_steps, self.time_grid, self.eps)
         t_now = grid[:-1]
         h = grid[:-1] - grid[1:]
@@ -533,12 +533,20 @@ class EulerMaruyamaSampler(Sampler):
         x_coef = (1 - h * f).tolist()
         s_coef = (h * g2).tolist()
         noise = torch.sqrt(h * g2).tolist()
-        times = grid.tolist()
+        return x_coef, s_coef, noise, grid.tolist()
+
+    def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
+        key = (self.num_steps, grid_key(self.time_grid), self.eps)
+        x_coef, s_coef, noise, times = cached(self, key, self._plan)
+        fuse = min(x_coef) > 0.0  # 1 - h f(t) with f <= 0 for every SDE here
+        s_ratio = [b / a if fuse else 0.0 for a, b in zip(x_coef, s_coef, strict=True)]
         n = len(x_coef)
         for i in ctx.steps(n):
-            score = ctx.score(x, times[i])
-            x = torch.add(x * x_coef[i], score, alpha=s_coef[i])
+            if fuse:  # a x + b s = a (x + (b/a) s): two fused ops, no temporary
+                x = torch.add(x, ctx.score(x, times[i]), alpha=s_ratio[i]).mul_(x_coef[i])
+            else:
+                x = torch.add(x * x_coef[i], ctx.score(x, times[i]), alpha=s_coef[i])
             if not (self.denoise and i == n - 1):
-                x = torch.add(x, ctx.randn_like(x), alpha=noise[i])
+                x.add_(ctx.randn_like(x), alpha=noise[i])
             x = ctx.after_step(i, times[i + 1], x)
         return x

@@ -1,0 +1,196 @@
+"""Few-step sampling (issue 12): DPM-Solver++ at 10 NFE against diffusers' best on targets
+that were never used to choose settings, with and without a calibrated time grid; the
+order/grid options on held-in and held-out targets; stochastic samplers at 10-20 NFE.
+
+Usage: python benchmarks/few_step.py [--n 1500] [--out benchmarks/results]
+Writes few_step.json and few_step.md. About 10 minutes on a shared 2-core CPU.
+
+Held-out targets (defined here, never used to tune a default): "aniso32d", 6 components in
+32-D with covariance eigenvalues log-uniform in [0.002, 0.8] (the same mixture as
+tests/test_samplers_sa_solver.py), and "grid25", 25 isotropic modes (std 0.08) on a 5 x 5
+grid in 2-D. Held-in: PEERS.md's 2-D mixture and mix16d; also the VE SDE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from scoresde import DPMSolverSampler, SASolverSampler, optimize_time_grid
+from scoresde.bench import targets as T
+from scoresde.bench.peers import CountingScore
+from scoresde.bench.runner import _all_methods, run_accuracy
+from scoresde.toy import GaussianMixture
+
+PEERS = ["diffusers UniPC", "diffusers DPM++ 2M", "diffusers DPM++ 3M"]
+
+
+def aniso_mixture_32d() -> GaussianMixture:
+    g = torch.Generator().manual_seed(1234)
+    k, d = 6, 32
+    means = 1.2 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(k, d, d, generator=g, dtype=torch.float64))
+    log_ev = math.log(0.002) + math.log(400.0) * torch.rand(k, d, generator=g, dtype=torch.float64)
+    covs = q @ torch.diag_embed(log_ev.exp()) @ q.mT
+    weights = 0.4 + torch.rand(k, generator=g, dtype=torch.float64)
+    return GaussianMixture(weights, means, 0.5 * (covs + covs.mT))
+
+
+def grid25() -> GaussianMixture:
+    g = torch.linspace(-2, 2, 5, dtype=torch.float64)
+    return GaussianMixture(torch.ones(25), torch.cartesian_prod(g, g), torch.full((25,), 0.0064))
+
+
+T.TARGETS.setdefault("aniso32d", T.Target("aniso32d", aniso_mixture_32d, 32, "held out"))
+T.TARGETS.setdefault("grid25", T.Target("grid25", grid25, 2, "held out, 25 modes"))
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).flatten(1).norm(dim=1).square().mean().sqrt())
+
+
+def vs_peers(n: int) -> list[dict]:
+    """ode_err at 10 NFE: the best diffusers scheduler, the default DPMSolverSampler and the
+    default with a grid from optimize_time_grid (512 pilot draws of another seed)."""
+    methods = _all_methods()
+    rows = []
+    for name in ("mixture2d", "mix16d", "aniso32d", "grid25"):
+        res = run_accuracy(name, [methods[m] for m in PEERS], (10,), n=n)
+        peers = {r["method"]: r.get("ode_err") for r in res["rows"]}
+        best = min((v, k) for k, v in peers.items() if v is not None)
+        gm, sde = T.TARGETS[name].mixture(), T.make_sde("vp")
+        score = CountingScore(sde, gm)
+        z = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        ref = T.reference_solve(sde, gm, z, sde.T, 1e-3)
+        default = rms(DPMSolverSampler(sde, 10).sample(score, (0,), x_init=z), ref)
+        start, score.nfe = time.perf_counter(), 0
+        grid = optimize_time_grid(
+            lambda g, sde=sde: DPMSolverSampler(sde, len(g) - 1, time_grid=g),
+            score,
+            sde,
+            10,
+            data_shape=(gm.dim,),
+            num_pilot=512,
+            max_evals=150,
+            generator=torch.Generator().manual_seed(1),
+        )
+        cal_nfe, cal_s = score.nfe, time.perf_counter() - start
+        tuned = DPMSolverSampler(sde, 10, time_grid=grid)
+        calibrated = rms(tuned.sample(score, (0,), x_init=z), ref)
+        row = dict(target=name, best_peer=best[1], best_peer_err=best[0], peers=peers)
+        row.update(default=default, calibrated=calibrated, calib_nfe=cal_nfe, calib_s=cal_s)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+OPTIONS = {
+    "3M + corrector, quadratic (default)": dict(order=3),
+    "2M + corrector, quadratic": dict(order=2),
+    "3M + corrector, logSNR": dict(order=3, time_grid="logsnr"),
+    "2M, quadratic, no corrector": dict(order=2, corrector=False),
+}
+
+
+def options(n: int) -> list[dict]:
+    """ode_err of DPMSolverSampler options at 10 and 20 NFE on every target."""
+    rows = []
+    cases = [("vp", t) for t in ("mixture2d", "mix16d", "ring2d", "aniso2d", "mix64d")]
+    cases += [("vp", "aniso32d"), ("vp", "grid25"), ("ve", "mixture2d"), ("ve", "mix16d")]
+    for sde_kind, name in cases:
+        gm, sde = T.TARGETS[name].mixture(), T.make_sde(sde_kind)
+        z = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        z = z * sde.prior_std
+        ref = T.reference_solve(sde, gm, z, sde.T, 1e-3)
+        score = CountingScore(sde, gm)
+        row = dict(sde=sde_kind, target=name)
+        for label, kw in OPTIONS.items():
+            for steps in (10, 20):
+                x = DPMSolverSampler(sde, steps, **kw).sample(score, (0,), x_init=z)
+                row[f"{label}@{steps}"] = rms(x, ref)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def stochastic(n: int) -> list[dict]:
+    """|mean NLL - entropy| of stochastic samplers at 10/15/20 NFE (VP; entropy from
+    50,000 true samples)."""
+    sde = T.make_sde("vp")
+    samplers = {
+        "SASolverSampler (default)": lambda k: SASolverSampler(sde, k),
+        "SDE-DPM-Solver++ 3M (stochastic=True)": lambda k: DPMSolverSampler(
+            sde, k, stochastic=True
+        ),
+        "SDE-DPM-Solver++ 2M, no corrector": lambda k: DPMSolverSampler(
+            sde, k, order=2, corrector=False, stochastic=True
+        ),
+    }
+    rows = []
+    for name in ("mixture2d", "aniso32d", "mix16d"):
+        gm = T.TARGETS[name].mixture()
+        truth = gm.sample(50_000, generator=torch.Generator().manual_seed(7))
+        entropy = -float(gm.log_prob(truth).mean())
+        score = CountingScore(sde, gm)
+        for label, make in samplers.items():
+            row = dict(target=name, sampler=label, entropy=entropy)
+            for steps in (10, 15, 20):
+                gen = torch.Generator().manual_seed(3)
+                x = make(steps).sample(score, (4 * n, gm.dim), generator=gen, dtype=torch.float64)
+                row[str(steps)] = -float(gm.log_prob(x).mean()) - entropy
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def markdown(res: dict) -> str:
+    out = ["# Few-step sampling (benchmarks/few_step.py)", ""]
+    out += [f"Command: `python benchmarks/few_step.py --n {res['n']}`", ""]
+    out += ["## ode_err at 10 NFE against diffusers' best", ""]
+    out += [
+        "| target | best diffusers (which) | default `DPMSolverSampler(sde, 10)` | ratio "
+        "| calibrated grid | ratio | calibration cost |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["vs_peers"]:
+        out.append(
+            f"| {r['target']} | {r['best_peer_err']:.4f} ({r['best_peer']}) | {r['default']:.4f} "
+            f"| {r['best_peer_err'] / r['default']:.2f}x | {r['calibrated']:.4f} "
+            f"| {r['best_peer_err'] / r['calibrated']:.2f}x "
+            f"| {r['calib_nfe']} NFE, {r['calib_s']:.0f} s |"
+        )
+    out += ["", "## DPMSolverSampler options: ode_err at 10 / 20 NFE", ""]
+    out += ["| SDE | target | " + " | ".join(OPTIONS) + " |"]
+    out += ["|---|---|" + "---|" * len(OPTIONS)]
+    for r in res["options"]:
+        cells = [f"{r[f'{k}@10']:.4f} / {r[f'{k}@20']:.4f}" for k in OPTIONS]
+        out.append(f"| {r['sde']} | {r['target']} | " + " | ".join(cells) + " |")
+    out += ["", "## Stochastic samplers: mean NLL - entropy (nats) at 10 / 15 / 20 NFE", ""]
+    out += ["| target | sampler | 10 | 15 | 20 |", "|---|---|---|---|---|"]
+    for r in res["stochastic"]:
+        out.append(
+            f"| {r['target']} | {r['sampler']} | {r['10']:+.3f} | {r['15']:+.3f} | {r['20']:+.3f} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1500)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    res = dict(n=args.n, vs_peers=vs_peers(args.n), options=options(args.n))
+    res["stochastic"] = stochastic(args.n)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "few_step.json").write_text(json.dumps(res, indent=1))
+    (args.out / "few_step.md").write_text(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
