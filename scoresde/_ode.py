@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from scoresde._validation import check_choice, check_positive, check_positive_int
+from scoresde._validation import NonFiniteError, check_choice, check_positive, check_positive_int
 
 Tensor = torch.Tensor
 State = Tensor | tuple[Tensor, ...]
@@ -270,17 +270,37 @@ def solve_per_sample(
     )  # fmt: skip
 
 
+class NonFiniteSolveError(NonFiniteError, RuntimeError):
+    """func returned NaN/Inf and the step size underflowed: a `NonFiniteError` (the
+    samplers' report) that is also the RuntimeError `solve_per_sample` always raised."""
+
+
 class _Rhs:
-    """Calls func on packed matrices and counts batched calls (the NFE)."""
+    """Calls func on packed matrices, counts batched calls (the NFE) and remembers, on the
+    device, a time at which func first returned NaN/Inf (no host sync per call)."""
 
     def __init__(self, func: Callable[..., State], packer: _Packer, with_index: bool) -> None:
         self.func, self.packer, self.with_index = func, packer, with_index
         self.nfe = 0
+        self.bad_t: Tensor | None = None
 
     def __call__(self, t: Tensor, y: Tensor, idx: Tensor) -> Tensor:
         self.nfe += 1
         args = (t, self.packer.unpack(y)) + ((idx,) if self.with_index else ())
-        return self.packer.pack(self.func(*args), "func(t, y)")
+        out = self.packer.pack(self.func(*args), "func(t, y)")
+        bad = ~torch.isfinite(out).all(dim=1)
+        t_bad = torch.where(bad, t, torch.full_like(t, -math.inf)).max(dim=0, keepdim=True)[0]
+        t_bad = torch.where(torch.isinf(t_bad), torch.full_like(t_bad, math.nan), t_bad)
+        self.bad_t = (
+            t_bad if self.bad_t is None else torch.where(torch.isnan(self.bad_t), t_bad, self.bad_t)
+        )
+        return out
+
+    def first_bad_time(self) -> float | None:
+        if self.bad_t is None:
+            return None
+        value = float(self.bad_t[0])
+        return None if math.isnan(value) else value
 
 
 def _scaled_norm(
@@ -472,6 +492,12 @@ def _integrate(
 
     if bool(failed_out.any()):
         bad = failed_out.nonzero().squeeze(1).tolist()
+        t_bad = rhs.first_bad_time()
+        if t_bad is not None:
+            raise NonFiniteSolveError(
+                f"solve_per_sample: non-finite values (NaN/Inf) from func at t = {t_bad:.6g}; "
+                f"the step size underflowed for sample(s) {bad[:10]}"
+            )
         raise RuntimeError(
             f"solve_per_sample: the step size underflowed for sample(s) {bad[:10]} "
             "(non-finite or extremely stiff right-hand side)"

@@ -24,9 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torchdiffeq import odeint
 
-from scoresde._ode import solve_per_sample
 from scoresde._validation import (
     check_choice,
     check_data,
@@ -35,6 +33,18 @@ from scoresde._validation import (
     check_positive_int,
     expand_like,
 )
+from scoresde.flow import (
+    DEFAULT_MAX_STEPS,
+    METHODS,
+    PER_SAMPLE_METHODS,
+    TORCHDIFFEQ_METHODS,
+    ProbabilityFlow,
+    draw_probes,
+    one_hot_chunks,
+    select_rows,
+    solve,
+)
+from scoresde.flow import FIXED_METHODS as FLOW_FIXED
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
@@ -50,21 +60,12 @@ __all__ = [
     "dataset_log_likelihood",
 ]
 
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-# Adaptive methods whose steps are chosen sample by sample (scoresde._ode), not batch-wide.
-PER_SAMPLE_METHODS = ("dopri5_per_sample",)
-# Our name -> torchdiffeq's fixed-grid solver ("heun" is Heun's 2nd-order trapezoid rule).
-FIXED_METHODS = {
-    "euler": "euler",
-    "midpoint": "midpoint",
-    "heun": "heun2",
-    "heun3": "heun3",
-    "rk4": "rk4",
-}
+# The one table of methods lives in scoresde.flow; these are its views used here.
+ADAPTIVE_METHODS = TORCHDIFFEQ_METHODS
+FIXED_METHODS = {name: METHODS[name].torchdiffeq for name in FLOW_FIXED}
+_one_hot_chunks = one_hot_chunks  # the tests' name for it
 TRACES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
-# Elements of the one-hot cotangents of one batched VJP call of the exact trace (memory cap).
-_EXACT_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -118,6 +119,15 @@ def _check_generator(generator: Any) -> None:
         )
 
 
+def _check_batch(x: Tensor) -> None:
+    """log_likelihood needs a non-empty batch in float32 or float64 (the adaptive solvers'
+    tolerances and the divergence's autograd are not meaningful in half precision)."""
+    if x.shape[0] == 0:
+        raise ValueError(f"x must hold at least one sample, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x must be float32 or float64 for log_likelihood, got dtype {x.dtype}")
+
+
 def _check_method(method: Any, num_steps: Any) -> tuple[str, int | None]:
     if not isinstance(method, str):
         raise TypeError(f"method must be a string, got {type(method).__name__}")
@@ -142,124 +152,30 @@ def _check_method(method: Any, num_steps: Any) -> tuple[str, int | None]:
 # --- the probability-flow ODE ------------------------------------------------------------------
 
 
-class _Counter:
-    """Counts score_fn calls (the NFE) and vector-Jacobian products."""
-
-    def __init__(self) -> None:
-        self.nfe = 0
-        self.vjps = 0
-
-
-def _draw_probes(
-    x: Tensor, probe: str, num_probes: int, generator: torch.Generator | None
-) -> Tensor:
-    """`[P, B, *D]` Hutchinson probes with E[v v^T] = I, drawn on the generator's device."""
-    shape = (num_probes, *x.shape)
-    device = generator.device if generator is not None else x.device
-    if probe == "gaussian":
-        v = torch.randn(shape, generator=generator, device=device, dtype=x.dtype)
-    else:
-        bits = torch.randint(0, 2, shape, generator=generator, device=device)
-        v = bits.to(x.dtype) * 2 - 1
-    return v.to(x.device)
-
-
-def _one_hot_chunks(x: Tensor) -> list[tuple[int, Tensor]]:
-    """Cotangents for the exact Jacobian diagonal: chunks of e_j (each `[Dc, B, *D]`)."""
-    B = x.shape[0]
-    D = x[0].numel()
-    chunk = max(1, min(D, _EXACT_CHUNK_ELEMENTS // max(1, B * D)))
-    eye = torch.eye(D, dtype=x.dtype, device=x.device)
-    out = []
-    for j0 in range(0, D, chunk):
-        rows = eye[j0 : j0 + chunk]  # [Dc, D]
-        cot = rows[:, None, :].expand(rows.shape[0], B, D).reshape(rows.shape[0], *x.shape)
-        out.append((j0, cot.contiguous()))
-    return out
-
-
-def _divergence(s: Tensor, x: Tensor, trace: str, cotangents: Any, counter: _Counter) -> Tensor:
-    """div_x s `[B]` (exact) or Hutchinson's estimate, from s = score(x) built with grad."""
-    B = x.shape[0]
-    if not s.requires_grad:
-        # The score does not depend on x (e.g. a constant): its divergence is zero.
-        return torch.zeros(B, dtype=x.dtype, device=x.device)
-    if trace == "hutchinson":
-        probes = cotangents  # [P, B, *D]
-        P = probes.shape[0]
-        if P == 1:
-            (jtv,) = torch.autograd.grad(s, x, grad_outputs=probes[0])
-            jtv = jtv[None]
-        else:
-            (jtv,) = torch.autograd.grad(s, x, grad_outputs=probes, is_grads_batched=True)
-        counter.vjps += P
-        return (jtv * probes).reshape(P, B, -1).sum(-1).mean(0)
-    div = torch.zeros(B, dtype=x.dtype, device=x.device)
-    for i, (j0, cot) in enumerate(cotangents):
-        last = i == len(cotangents) - 1
-        (rows,) = torch.autograd.grad(
-            s, x, grad_outputs=cot, is_grads_batched=True, retain_graph=not last
-        )
-        Dc = cot.shape[0]
-        rows = rows.reshape(Dc, B, -1)
-        idx = torch.arange(j0, j0 + Dc, device=x.device)
-        # Row j of the Jacobian's transpose holds d s_j / d x_j at position j.
-        div = div + rows[torch.arange(Dc, device=x.device), :, idx].sum(0)
-        counter.vjps += Dc
-    return div
-
-
 def _make_rhs(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x_shape: torch.Size,
+    flow: ProbabilityFlow,
+    batch: int,
     trace: str | None,
     cotangents: Any,
-    counter: _Counter,
     progress_cb: Callable[[Tensor], None] | None,
-    t_range: tuple[Tensor, Tensor],
 ) -> Callable[..., Any]:
     """The right-hand side: t, x -> dx/dt, or t, (x, delta) -> (dx/dt, div v).
 
-    dx/dt = f(t) x - g(t)^2 s / 2; div_x v = f(t) D - g(t)^2 div_x s / 2 (f D analytic).
     t is a scalar (torchdiffeq) or `[Ba]` per sample (`solve_per_sample`, which also passes
     idx `[Ba]`, the rows of the batch being evaluated, to pick their Hutchinson probes).
     """
-    B = x_shape[0]
-    dim = math.prod(x_shape[1:])
-    t_lo, t_hi = t_range
 
     def rhs(t: Tensor, state: Any, idx: Tensor | None = None) -> Any:
         if progress_cb is not None:
             progress_cb(t)
-        # The adaptive solver's first-step heuristic probes f(t0 + h0) with a possibly large
-        # h0; clamping keeps the score inside [eps, T] (accepted steps never leave it).
-        t = torch.clamp(t, t_lo, t_hi)
         x = state if trace is None else state[0]
-        Ba = x.shape[0]
-        f = sde.drift_coef(t)
-        half_g2 = 0.5 * sde.diffusion_coef(t) ** 2
-        tb = t.expand(Ba)
-        counter.nfe += 1
-        fx, hx = expand_like(f, x), expand_like(half_g2, x)
         if trace is None:
-            return fx * x - hx * score_fn(x, tb)
-        cots = cotangents if Ba == B else _select_rows(cotangents, trace, idx, Ba)
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            s = score_fn(xg, tb)
-            div_s = _divergence(s, xg, trace, cots, counter)
-        return fx * x - hx * s.detach(), f * dim - half_g2 * div_s
+            return flow(t, x)
+        Ba = x.shape[0]
+        cots = cotangents if Ba == batch else select_rows(cotangents, trace, idx, Ba)
+        return flow.with_divergence(t, x, trace, cots)
 
     return rhs
-
-
-def _select_rows(cotangents: Any, trace: str, idx: Tensor | None, Ba: int) -> Any:
-    """The cotangents of the Ba active samples `idx` (per-sample solver)."""
-    if trace == "hutchinson":
-        return cotangents.index_select(1, idx)  # each sample keeps its own probes
-    # The one-hot rows are the same for every sample: any Ba of them will do.
-    return [(j0, cot[:, :Ba]) for j0, cot in cotangents]
 
 
 def _sample_norm(state: Any) -> Tensor:
@@ -289,39 +205,20 @@ def _per_sample_norm(state: Any) -> Tensor:
 def _solve(
     rhs: Callable[..., Any],
     state0: Any,
-    t0: Tensor,
-    t1: Tensor,
+    t0: float,
+    t1: float,
     method: str,
     rtol: float,
     atol: float,
     num_steps: int | None,
+    max_steps: int = DEFAULT_MAX_STEPS,
 ) -> Any:
     """Integrate the state from t0 to t1 (either direction) and return it at t1."""
-    if method in PER_SAMPLE_METHODS:
-        out, _ = solve_per_sample(
-            rhs, state0, t0, t1, rtol=rtol, atol=atol, norm=_sample_norm, with_index=True
-        )
-        return out
-    ts = torch.stack([t0, t1])
-    if method in FIXED_METHODS:
-        frac = torch.linspace(0.0, 1.0, num_steps + 1, dtype=t0.dtype, device=t0.device)
-        # Exact endpoints: torchdiffeq insists that the grid starts and ends at ts.
-        grid = torch.cat([t0 + (t1 - t0) * frac[:-1], t1[None]])
-
-        def grid_constructor(func: Any, y0: Any, t: Tensor) -> Tensor:
-            # torchdiffeq negates this itself when integrating backwards (t1 < t0).
-            return grid
-
-        options: dict[str, Any] = {"grid_constructor": grid_constructor}
-        out = odeint(rhs, state0, ts, method=FIXED_METHODS[method], options=options)
-    else:
-        # step_t: land the last step exactly on t1 instead of stepping past it and
-        # interpolating back, so the score is never called outside [eps, T].
-        options = {"norm": _per_sample_norm, "step_t": ts[1:]}
-        out = odeint(rhs, state0, ts, method=method, rtol=rtol, atol=atol, options=options)
-    if isinstance(out, tuple):
-        return tuple(o[-1] for o in out)
-    return out[-1]
+    return solve(
+        rhs, state0, t0, t1, method, rtol=rtol, atol=atol, num_steps=num_steps,
+        norm=_per_sample_norm, sample_norm=_sample_norm, max_steps=max_steps,
+        with_index=True,
+    )  # fmt: skip
 
 
 def _progress_callback(
@@ -364,6 +261,7 @@ def log_likelihood(
     num_steps: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    max_steps: int = DEFAULT_MAX_STEPS,
 ) -> LikelihoodResult:
     """log p_eps(x) by the probability-flow ODE (Song et al. 2021, App. D.2).
 
@@ -402,6 +300,11 @@ def log_likelihood(
         num_steps: steps of a fixed-step method (required there, refused otherwise).
         generator: source of the Hutchinson probes.
         progress: show a progress bar over [eps, T].
+        max_steps: the most steps of an adaptive method (RuntimeError beyond).
+
+    Raises:
+        NonFiniteError (`scoresde.samplers.NonFiniteError`): the score returned NaN/Inf;
+        the message names the time. The score is only evaluated on [eps, T].
 
     Returns:
         `LikelihoodResult`: logp `[B]` (nats), bpd `[B]` (-logp / (D ln 2)), z (x_T),
@@ -429,23 +332,25 @@ def log_likelihood(
     atol = check_positive("atol", atol)
     eps = check_eps(eps, sde)
     _check_generator(generator)
+    max_steps = check_positive_int("max_steps", max_steps)
+    _check_batch(x)
 
     with torch.inference_mode(False), torch.no_grad():
         # A clone outside inference mode, so that autograd may differentiate through it.
         x = x.detach().clone()
         B, dim = x.shape[0], x[0].numel()
         if trace == "hutchinson":
-            cotangents: Any = _draw_probes(x, probe, num_probes, generator)
+            cotangents: Any = draw_probes(x, probe, num_probes, generator)
         else:
-            cotangents = _one_hot_chunks(x)
-        counter = _Counter()
-        t0 = torch.tensor(eps, dtype=x.dtype, device=x.device)
-        t1 = torch.tensor(sde.T, dtype=x.dtype, device=x.device)
+            cotangents = one_hot_chunks(x)
+        flow = ProbabilityFlow(sde, score_fn, t_range=(eps, sde.T))
         cb, bar = _progress_callback(progress, eps, sde.T, "log-likelihood")
-        rhs = _make_rhs(score_fn, sde, x.shape, trace, cotangents, counter, cb, (t0, t1))
+        rhs = _make_rhs(flow, B, trace, cotangents, cb)
         delta0 = torch.zeros(B, dtype=x.dtype, device=x.device)
         try:
-            z, delta = _solve(rhs, (x, delta0), t0, t1, method, rtol, atol, num_steps)
+            z, delta = _solve(
+                rhs, (x, delta0), eps, sde.T, method, rtol, atol, num_steps, max_steps
+            )
         finally:
             if bar is not None:
                 bar.close()
@@ -458,8 +363,8 @@ def log_likelihood(
         z=z.detach(),
         prior_logp=prior.detach(),
         delta_logp=delta.detach(),
-        nfe=counter.nfe,
-        vjps=counter.vjps,
+        nfe=flow.nfe,
+        vjps=flow.vjps,
     )
 
 
@@ -482,13 +387,10 @@ def _flow_map(
     """
     method, num_steps = _check_method(method, num_steps)
     with torch.inference_mode(False), torch.no_grad():
-        t0 = torch.tensor(t_start, dtype=x.dtype, device=x.device)
-        t1 = torch.tensor(t_end, dtype=x.dtype, device=x.device)
-        counter = _Counter()
-        t_range = (torch.minimum(t0, t1), torch.maximum(t0, t1))
-        rhs = _make_rhs(score_fn, sde, x.shape, None, None, counter, None, t_range)
-        out = _solve(rhs, x.detach().clone(), t0, t1, method, rtol, atol, num_steps)
-        return out.detach(), counter.nfe
+        flow = ProbabilityFlow(sde, score_fn, t_range=(min(t_start, t_end), max(t_start, t_end)))
+        rhs = _make_rhs(flow, x.shape[0], None, None, None)
+        out = _solve(rhs, x.detach().clone(), t_start, t_end, method, rtol, atol, num_steps)
+        return out.detach(), flow.nfe
 
 
 # --- bits per dimension ------------------------------------------------------------------------

@@ -143,6 +143,14 @@ class SDE(abc.ABC):
         """Discrete step index i = floor(t (N - 1) / T), clamped to [0, N - 1]."""
         return (t * (self.N - 1) / self.T).long().clamp(0, self.N - 1)
 
+    def reverse_coefficients(
+        self, t: Tensor, probability_flow: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """(f(t), c(t)) shaped like t, with the reverse drift f(t) x - c(t) s(x, t):
+        c = g^2 for the reverse SDE, g^2 / 2 for the probability-flow ODE."""
+        g2 = self.diffusion_coef(t) ** 2
+        return self.drift_coef(t), 0.5 * g2 if probability_flow else g2
+
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
         """The reverse-time SDE (or probability-flow ODE) driven by `score_fn`."""
         return ReverseSDE(self, score_fn, probability_flow)
@@ -157,6 +165,9 @@ class SDE(abc.ABC):
 class ReverseSDE:
     """dx = [f - g^2 score] dt + g dw_bar, or with `probability_flow` the ODE
     dx = [f - g^2 score / 2] dt, integrated from t = T down to 0.
+
+    The drift's coefficients are `SDE.reverse_coefficients`, which every sampler, the
+    likelihood and `scoresde.flow` read: the reverse drift is defined there only.
     """
 
     def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False) -> None:
@@ -170,11 +181,11 @@ class ReverseSDE:
 
     def sde(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
         """(reverse drift shaped like x, diffusion `[B]`; zero for the ODE)."""
+        check_data("x", x)
         t = broadcast_time(t, x)
-        drift, diffusion = self.forward_sde.sde(x, t)
-        score = self.score_fn(x, t)
-        weight = 0.5 if self.probability_flow else 1.0
-        drift = drift - expand_like(diffusion**2, x) * score * weight
+        f, c = self.forward_sde.reverse_coefficients(t, self.probability_flow)
+        drift = expand_like(f, x) * x - expand_like(c, x) * self.score_fn(x, t)
+        diffusion = self.forward_sde.diffusion_coef(t)
         if self.probability_flow:
             diffusion = torch.zeros_like(diffusion)
         return drift, diffusion

@@ -64,6 +64,15 @@ def _update_bar(bar: Any, t: Tensor, eps: float, T: float, nfe: int) -> None:
     bar.set_postfix(nfe=nfe, finished=int(n_done), refresh=False)
 
 
+def _raise_non_finite(it: int, t: Tensor, q: Tensor, err: Tensor) -> None:
+    """NonFiniteError naming the step (t -> q) of the first sample whose error is NaN/Inf."""
+    i = int((~torch.isfinite(err)).nonzero()[0, 0])
+    raise NonFiniteError(
+        f"non-finite values (NaN/Inf) in the step from t = {float(t[i]):.6g} to "
+        f"t = {float(q[i]):.6g} at iteration {it}; check the score function"
+    )
+
+
 class AdaptiveSDESampler(Sampler):
     """Adaptive EM / improved-Euler reverse-SDE sampler with per-sample step sizes.
 
@@ -168,9 +177,7 @@ class AdaptiveSDESampler(Sampler):
                 diff = torch.addcmul(hh * (b_q - b_a), g_a - g_q, dw).mul_(0.5)
                 err = self._error(x_a, x_em, diff)
                 if not bool(torch.isfinite(err).all()):
-                    raise NonFiniteError(
-                        f"non-finite error estimate at iteration {it}; check the score function"
-                    )
+                    _raise_non_finite(it, t_a, q, err)
                 ok = err <= 1.0
                 ok_col = ok[:, None]
                 # Per-sample controller; E = 0 means "as large as allowed".
