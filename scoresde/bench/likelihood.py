@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from scoresde.bench.peers import CountingScore
-from scoresde.bench.targets import TARGETS, _schedule_sq, make_sde
+from scoresde.bench.targets import TARGETS, at_one_time, make_sde, schedule_coefficients
+from scoresde.flow import ProbabilityFlow
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
@@ -35,13 +36,13 @@ def torchdiffeq_log_likelihood(
     from torchdiffeq import odeint
 
     dim = x.shape[1]
+    flow = ProbabilityFlow(sde, at_one_time(score), coefficients=schedule_coefficients(sde))
 
     def rhs(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         y = state[0]
         with torch.enable_grad():
             y = y.detach().requires_grad_(True)
-            f, g2, _, _ = _schedule_sq(sde, t.to(y.dtype))
-            v = f * y - 0.5 * g2 * score(y, t)
+            v = flow(t, y)
             div = sum(
                 torch.autograd.grad(v[:, i].sum(), y, retain_graph=i < dim - 1)[0][:, i]
                 for i in range(dim)

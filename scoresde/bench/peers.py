@@ -39,7 +39,14 @@ from typing import Any
 
 import torch
 
-from scoresde.bench.targets import _MixtureTables, _schedule_sq, exact_score
+from scoresde.bench.targets import (
+    _MixtureTables,
+    _schedule_sq,
+    at_one_time,
+    exact_score,
+    schedule_coefficients,
+)
+from scoresde.flow import ProbabilityFlow
 from scoresde.sdes import SDE, VESDE
 from scoresde.toy import GaussianMixture
 
@@ -491,11 +498,10 @@ def _torchsde_methods() -> list[Method]:
 
 
 def _pf_field(problem: Problem) -> Callable[[Tensor, Tensor], Tensor]:
-    def field_fn(t: Tensor, x: Tensor) -> Tensor:
-        f, g2, _, _ = _schedule_sq(problem.sde, t.to(x.dtype))
-        return f * x - 0.5 * g2 * problem.score(x, t)
-
-    return field_fn
+    """The probability-flow field (`scoresde.flow.ProbabilityFlow`) as a torchdiffeq user
+    writes it, on the schedule's analytic continuation (their probe leaves [eps, T])."""
+    sde = problem.sde
+    return ProbabilityFlow(sde, at_one_time(problem.score), coefficients=schedule_coefficients(sde))
 
 
 def _torchdiffeq_fixed(method: str):

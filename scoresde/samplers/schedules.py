@@ -50,6 +50,7 @@ from scoresde._validation import (
     check_positive_int,
     check_shape,
 )
+from scoresde.flow import ProbabilityFlow, solve
 from scoresde.samplers.base import NonFiniteError, Sampler
 from scoresde.samplers.grids import GRIDS, time_grid
 from scoresde.sdes import SDE
@@ -84,27 +85,15 @@ def pf_ode_reference(
     dx/dt = f(t) x - g(t)^2 s(x, t) / 2, solved from T down to eps in x_T's dtype (pass float64
     for a reference) with rtol and atol (default atol = rtol). Returns `[B, *D]`.
     """
-    from torchdiffeq import odeint
-
     check_data("x_T", x_T)
     eps = check_eps(eps, sde)
     rtol = check_positive("rtol", rtol)
     atol = rtol if atol is None else check_positive("atol", atol)
-    shape = (-1,) + (1,) * (x_T.ndim - 1)
-
-    def field(t: Tensor, x: Tensor) -> Tensor:
-        tb = t.to(x.dtype).expand(x.shape[0])
-        f = sde.drift_coef(tb).reshape(shape)
-        g2 = sde.diffusion_coef(tb).pow(2).reshape(shape)
-        return f * x - 0.5 * g2 * score_fn(x, tb)
-
-    ts = torch.tensor([sde.T, eps], dtype=x_T.dtype, device=x_T.device)
-    # step_t: never step past eps and interpolate back (dopri5's default), since a score
-    # (or sigma(t)) is not defined below t = 0 and NaNs there make every step fail.
+    # scoresde.flow: the score is only evaluated on [eps, T] (a score or sigma(t) is not
+    # defined below t = 0, and torchdiffeq's own first-step probe may go there).
+    flow = ProbabilityFlow(sde, score_fn, t_range=(eps, sde.T))
     with torch.no_grad():
-        return odeint(
-            field, x_T, ts, rtol=rtol, atol=atol, method="dopri5", options={"step_t": ts}
-        )[-1]
+        return solve(flow, x_T, sde.T, eps, "dopri5", rtol=rtol, atol=atol)
 
 
 def pathwise_error(sampler: Sampler, score_fn: ScoreFn, x_T: Tensor, x_ref: Tensor) -> float:
