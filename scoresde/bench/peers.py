@@ -47,7 +47,7 @@ from scoresde.bench.targets import (
     schedule_coefficients,
 )
 from scoresde.flow import ProbabilityFlow
-from scoresde.sdes import SDE, VESDE
+from scoresde.sdes import SDE
 from scoresde.toy import GaussianMixture
 
 Tensor = torch.Tensor
@@ -282,7 +282,7 @@ def _score_sde_ve(problem: Problem, x_T: Tensor, num_steps: int, generator) -> T
     from diffusers import ScoreSdeVeScheduler
 
     sde, score = problem.sde, problem.score
-    if not isinstance(sde, VESDE):
+    if sde.name != "ve":
         raise TypeError("ScoreSdeVeScheduler needs the VE SDE")
     sched = ScoreSdeVeScheduler(sigma_min=sde.sigma_min, sigma_max=sde.sigma_max, snr=0.16)
     sched.set_timesteps(num_steps, device=x_T.device)

@@ -83,19 +83,9 @@ def make_sde(kind: str) -> SDE:
 
 
 def _schedule_sq(sde: SDE, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(f(t), g(t)^2, alpha(t), sigma(t)^2), analytic in t slightly outside [0, T]."""
-    if isinstance(sde, VPSDE):  # also SubVPSDE
-        c = sde.log_mean_coeff(t)
-        beta = sde.beta(t)
-        one_minus = -torch.expm1(2 * c)
-        if isinstance(sde, SubVPSDE):
-            return -0.5 * beta, beta * -torch.expm1(4 * c), torch.exp(c), one_minus**2
-        return -0.5 * beta, beta, torch.exp(c), one_minus
-    if isinstance(sde, VESDE):
-        sigma = sde.sigma(t)
-        return torch.zeros_like(t), 2 * sde._log_ratio * sigma**2, torch.ones_like(t), sigma**2
-    f, g = sde.drift_coef(t), sde.diffusion_coef(t)
-    return f, g**2, sde.alpha(t), sde.sigma(t) ** 2
+    """(f(t), g(t)^2, alpha(t), sigma(t)^2), analytic in t slightly outside [0, T]
+    (`SDE.diffusion_sq`, `SDE.sigma_sq`: no square roots)."""
+    return sde.drift_coef(t), sde.diffusion_sq(t), sde.alpha(t), sde.sigma_sq(t)
 
 
 class _MixtureTables:
