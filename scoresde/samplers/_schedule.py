@@ -1,65 +1,6 @@
-"""Shared pieces of the fast samplers (private): argument checks, per-grid coefficients and
-the data prediction.
+"""Old private name of `scoresde.samplers.toolkit` (kept so existing imports work)."""
 
-Every SDE here has the Gaussian kernel x_t = alpha_t x0 + sigma_t eps, so a score s(x, t)
-gives the data and noise predictions (Tweedie)
+from scoresde.samplers.toolkit import *  # noqa: F403
+from scoresde.samplers.toolkit import Coefficients, check_grid, data_prediction, make_grid
 
-    x0_hat = (x + sigma_t^2 s) / alpha_t,        eps_hat = -sigma_t s,
-
-and the fast samplers (DDIM, DPM-Solver++, EDM) are written in (alpha, sigma, lambda) with
-lambda = log(alpha / sigma) (half the SDE's `log_snr`), so they apply to VP, sub-VP, VE and
-cosine VP alike.
-"""
-
-from __future__ import annotations
-
-from typing import Any
-
-import torch
-
-from scoresde._validation import check_eps, check_positive_int
-from scoresde.samplers.base import SamplingContext
-from scoresde.samplers.grids import GRIDS, time_grid
-from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
-
-
-def check_grid(sde: SDE, num_steps: Any, kind: Any, eps: Any) -> tuple[int, Any, float]:
-    """Validate (num_steps, time_grid, eps) once in a sampler's __init__."""
-    num_steps = check_positive_int("num_steps", num_steps)
-    eps = check_eps(eps, sde)
-    if isinstance(kind, str) and kind not in GRIDS:
-        raise ValueError(f"time_grid must be one of {GRIDS} or a 1-D tensor, got {kind!r}")
-    if not isinstance(kind, str):
-        # A user grid: validated by time_grid; its length fixes the step count.
-        num_steps = time_grid(sde, num_steps, kind, eps=eps).numel() - 1
-    return num_steps, kind, eps
-
-
-class Coefficients:
-    """alpha, sigma, lambda = log(alpha/sigma) and t on a grid, as Python float lists.
-
-    Computed once per run in float64 on the CPU, so the loop only multiplies tensors by floats.
-    """
-
-    def __init__(self, sde: SDE, grid: Tensor) -> None:
-        g = grid.detach().to(device="cpu", dtype=torch.float64)
-        self.t: list[float] = g.tolist()
-        self.alpha: list[float] = sde.alpha(g).tolist()
-        self.sigma: list[float] = sde.sigma(g).tolist()
-        # log_snr is implemented with expm1/softplus: more accurate than log(alpha/sigma).
-        self.lam: list[float] = (0.5 * sde.log_snr(g)).tolist()
-
-
-def make_grid(sde: SDE, num_steps: int, kind: Any, eps: float, rho: float = 7.0) -> Tensor:
-    """The decreasing float64 grid `[num_steps + 1]` (CPU) from T to eps."""
-    return time_grid(sde, num_steps, kind, eps=eps, rho=rho)
-
-
-def data_prediction(
-    ctx: SamplingContext, x: Tensor, t: float, alpha: float, sigma: float
-) -> Tensor:
-    """x0_hat = (x + sigma^2 s(x, t)) / alpha  `[B, *D]` (one NFE)."""
-    score = ctx.score(x, t)
-    return torch.add(x, score, alpha=sigma * sigma).mul_(1.0 / alpha)
+__all__ = ["Coefficients", "check_grid", "data_prediction", "make_grid"]

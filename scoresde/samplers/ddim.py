@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 from scoresde._validation import check_bool, check_positive
-from scoresde.samplers._schedule import (
+from scoresde.samplers.base import Sampler, SamplingContext
+from scoresde.samplers.toolkit import (
     Coefficients,
     check_grid,
     data_prediction,
     make_grid,
 )
-from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor

@@ -42,7 +42,6 @@ from scoresde.flow import (
     pf_coefficients,
     solve,
 )
-from scoresde.samplers._schedule import check_grid, make_grid
 from scoresde.samplers.base import (
     CountedScore,
     GeneratorNoise,
@@ -50,6 +49,7 @@ from scoresde.samplers.base import (
     Sampler,
     SamplingContext,
 )
+from scoresde.samplers.toolkit import check_grid, make_grid
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor

@@ -48,8 +48,8 @@ from typing import Any
 import torch
 
 from scoresde._validation import check_bool, check_eps, check_positive, check_positive_int
-from scoresde.samplers._schedule import check_grid, make_grid
 from scoresde.samplers.base import Sampler, SamplingContext
+from scoresde.samplers.toolkit import check_grid, make_grid
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
