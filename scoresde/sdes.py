@@ -147,18 +147,13 @@ class SDE(abc.ABC):
     #: The short name of a built-in SDE ("vp", "subvp", "ve", "cosine"); None for others.
     name: str | None = None
 
-    @property
-    def variance_preserving(self) -> bool:
-        """alpha(t)^2 + sigma(t)^2 = 1 for all t (VP, cosine VP): x_t is on DDPM's scale."""
-        return False
-
-    @property
-    def has_ddpm_chain(self) -> bool:
-        """Whether the SDE's own kernel is a DDPM chain q(x_i | x_0) = N(sqrt(abar_i) x_0,
-        (1 - abar_i) I) at matched times: true for VP (DDPM's linear betas) and cosine VP
-        (Improved DDPM's), false for sub-VP (alpha^2 + sigma^2 < 1: not variance preserving,
-        and the reference implementation has no chain for it either) and VE (SMLD's chain)."""
-        return False
+    #: alpha(t)^2 + sigma(t)^2 = 1 for all t (VP, cosine VP): x_t is on DDPM's scale.
+    variance_preserving: bool = False
+    #: The SDE's own kernel is a DDPM chain q(x_i | x_0) = N(sqrt(abar_i) x_0, (1 - abar_i) I)
+    #: at matched times: VP (DDPM's linear betas) and cosine VP (Improved DDPM's); not sub-VP
+    #: (alpha^2 + sigma^2 < 1; the reference implementation has no chain for it either) nor
+    #: VE (SMLD's chain).
+    has_ddpm_chain: bool = False
 
     def ddpm_alphas_cumprod(self, N: int | None = None) -> Tensor | None:
         """The DDPM chain's abar_i `[N]` (float64) of this SDE with N steps (default self.N),
@@ -207,11 +202,9 @@ class SDE(abc.ABC):
         """The reverse-time SDE (or probability-flow ODE) driven by `score_fn`."""
         return ReverseSDE(self, score_fn, probability_flow)
 
-    def _kernel_repr(self) -> str:
-        return ""
-
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._kernel_repr()}N={self.N})"
+        kwargs = "".join(f"{k}={v}, " for k, v in self._kwargs().items())
+        return f"{type(self).__name__}({kwargs}N={self.N})"
 
 
 class ReverseSDE:
@@ -350,14 +343,8 @@ class VPSDE(_VPFamily):
         return f, torch.sqrt(beta)
 
     name = "vp"
-
-    @property
-    def variance_preserving(self) -> bool:
-        return True
-
-    @property
-    def has_ddpm_chain(self) -> bool:
-        return True
+    variance_preserving = True
+    has_ddpm_chain = True
 
     def _kwargs(self) -> dict[str, Any]:
         return {"beta_min": self.beta_0, "beta_max": self.beta_1}
@@ -369,9 +356,6 @@ class VPSDE(_VPFamily):
     def sigma_sq(self, t: Tensor) -> Tensor:
         """sigma(t)^2 = 1 - exp(2 c(t))."""
         return -torch.expm1(2 * self.log_mean_coeff(t))
-
-    def _kernel_repr(self) -> str:
-        return f"beta_min={self.beta_0}, beta_max={self.beta_1}, "
 
 
 class SubVPSDE(VPSDE):
@@ -409,16 +393,10 @@ class SubVPSDE(VPSDE):
         return SDE.discretize(self, x, t)
 
     name = "subvp"
-
-    @property
-    def variance_preserving(self) -> bool:
-        return False
-
-    @property
-    def has_ddpm_chain(self) -> bool:
-        """False: sub-VP shares VP's betas (`discrete_betas`, `alphas_cumprod` are VP's, kept
-        for SNR matching, e.g. by `ddpm_vlb`), but its kernel is not that chain's."""
-        return False
+    # Its `discrete_betas`/`alphas_cumprod` are VP's (kept for SNR matching, e.g. by
+    # `ddpm_vlb`), but its kernel is not that chain's.
+    variance_preserving = False
+    has_ddpm_chain = False
 
     def diffusion_sq(self, t: Tensor) -> Tensor:
         """g(t)^2 = beta(t) (1 - exp(4 c(t)))."""
@@ -497,9 +475,6 @@ class VESDE(SDE):
     def diffusion_sq(self, t: Tensor) -> Tensor:
         """g(t)^2 = 2 log(sigma_max / sigma_min) sigma(t)^2."""
         return 2 * self._log_ratio * self.sigma(t) ** 2
-
-    def _kernel_repr(self) -> str:
-        return f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
 
 
 class CosineVPSDE(_VPFamily):
@@ -596,14 +571,8 @@ class CosineVPSDE(_VPFamily):
         return self._t_from_alpha(torch.sqrt(torch.sigmoid(lam)), torch.sigmoid(-lam))
 
     name = "cosine"
-
-    @property
-    def variance_preserving(self) -> bool:
-        return True
-
-    @property
-    def has_ddpm_chain(self) -> bool:
-        return True
+    variance_preserving = True
+    has_ddpm_chain = True
 
     def _kwargs(self) -> dict[str, Any]:
         return {"s": self.s, "t_max": self.t_max}
@@ -611,6 +580,3 @@ class CosineVPSDE(_VPFamily):
     def diffusion_sq(self, t: Tensor) -> Tensor:
         """g(t)^2 = beta(t)."""
         return self.beta(t)
-
-    def _kernel_repr(self) -> str:
-        return f"s={self.s}, t_max={self.t_max}, "

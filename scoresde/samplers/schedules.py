@@ -155,6 +155,36 @@ def _initial_grid(sde: SDE, num_steps: int, init: Any, eps: float) -> Tensor:
     return grid.clone()
 
 
+def _check_tuning_args(
+    sampler_factory: Any,
+    score_fn: Any,
+    sde: Any,
+    num_steps: Any,
+    eps: Any,
+    max_params: Any,
+    max_evals: Any,
+    dtype: Any,
+    generator: Any,
+) -> tuple[int, float, int]:
+    """Validate `optimize_time_grid`'s arguments; (num_steps, eps, max_params)."""
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be a scoresde SDE, got {type(sde).__name__}")
+    if not callable(sampler_factory):
+        raise TypeError(f"sampler_factory must be callable, got {type(sampler_factory).__name__}")
+    if not callable(score_fn):
+        raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
+    num_steps = check_positive_int("num_steps", num_steps, minimum=2)
+    eps = check_eps(eps, sde)
+    max_params = check_positive_int("max_params", max_params, minimum=2)
+    if max_evals is not None:
+        check_positive_int("max_evals", max_evals)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return num_steps, eps, max_params
+
+
 def optimize_time_grid(
     sampler_factory: SamplerFactory,
     score_fn: ScoreFn,
@@ -213,21 +243,9 @@ def optimize_time_grid(
     """
     from scipy.optimize import minimize
 
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be a scoresde SDE, got {type(sde).__name__}")
-    if not callable(sampler_factory):
-        raise TypeError(f"sampler_factory must be callable, got {type(sampler_factory).__name__}")
-    if not callable(score_fn):
-        raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
-    num_steps = check_positive_int("num_steps", num_steps, minimum=2)
-    eps = check_eps(eps, sde)
-    max_params = check_positive_int("max_params", max_params, minimum=2)
-    if max_evals is not None:
-        max_evals = check_positive_int("max_evals", max_evals)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    num_steps, eps, max_params = _check_tuning_args(
+        sampler_factory, score_fn, sde, num_steps, eps, max_params, max_evals, dtype, generator
+    )
     grid_map = _GridMap(sde, _initial_grid(sde, num_steps, init, eps), max_params)
 
     pilots = _pilots(sde, x_T, data_shape, num_pilot, generator, device, dtype)
