@@ -184,9 +184,9 @@ class Corrector(abc.ABC):
 
 
 def _linear_coefs(pc: PCContext) -> tuple[list[float], list[float]]:
-    """f(t_i) and g(t_i)^2 on the grid (every SDE here has drift f(t) x)."""
-    t = pc.times_tensor
-    return pc.sde.drift_coef(t).tolist(), (pc.sde.diffusion_coef(t) ** 2).tolist()
+    """f(t_i), g(t_i)^2 on the grid: reverse drift f x - g^2 s (`SDE.reverse_coefficients`)."""
+    f, g2 = pc.sde.reverse_coefficients(pc.times_tensor)
+    return f.tolist(), g2.tolist()
 
 
 class _LinearStepPredictor(Predictor):
@@ -524,8 +524,7 @@ class EulerMaruyamaSampler(Sampler):
         grid = make_grid(self.sde, self.num_steps, self.time_grid, self.eps)
         t_now = grid[:-1]
         h = grid[:-1] - grid[1:]
-        f = self.sde.drift_coef(t_now)
-        g2 = self.sde.diffusion_coef(t_now) ** 2
+        f, g2 = self.sde.reverse_coefficients(t_now)  # reverse drift f x - g^2 s
         x_coef = (1 - h * f).tolist()
         s_coef = (h * g2).tolist()
         noise = torch.sqrt(h * g2).tolist()
