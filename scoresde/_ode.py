@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from scoresde._validation import check_choice, check_positive, check_positive_int
+from scoresde._control import ControllerState, StepController
+from scoresde._validation import NonFiniteError, check_choice, check_positive, check_positive_int
 
 Tensor = torch.Tensor
 State = Tensor | tuple[Tensor, ...]
@@ -64,8 +65,6 @@ _E = (
     22 / 525,
     -1 / 40,
 )
-_HUGE = 1e10  # stands in for a non-finite error norm
-_LOG_ERR_MIN = math.log(1e-4)
 _ORDER = 5  # error exponent 1 / (q + 1) with q = 4, the lower order of the pair
 CONTROLLERS = ("pi", "i")
 
@@ -270,53 +269,49 @@ def solve_per_sample(
     )  # fmt: skip
 
 
+class NonFiniteSolveError(NonFiniteError, RuntimeError):
+    """func returned NaN/Inf and the step size underflowed: a `NonFiniteError` (the
+    samplers' report) that is also the RuntimeError `solve_per_sample` always raised."""
+
+
 class _Rhs:
-    """Calls func on packed matrices and counts batched calls (the NFE)."""
+    """Calls func on packed matrices, counts batched calls (the NFE) and remembers, on the
+    device, a time at which func first returned NaN/Inf (no host sync per call)."""
 
     def __init__(self, func: Callable[..., State], packer: _Packer, with_index: bool) -> None:
         self.func, self.packer, self.with_index = func, packer, with_index
         self.nfe = 0
+        self.bad_t: Tensor | None = None
 
     def __call__(self, t: Tensor, y: Tensor, idx: Tensor) -> Tensor:
         self.nfe += 1
         args = (t, self.packer.unpack(y)) + ((idx,) if self.with_index else ())
-        return self.packer.pack(self.func(*args), "func(t, y)")
+        out = self.packer.pack(self.func(*args), "func(t, y)")
+        bad = ~torch.isfinite(out).all(dim=1)
+        t_bad = torch.where(bad, t, torch.full_like(t, -math.inf)).max(dim=0, keepdim=True)[0]
+        t_bad = torch.where(torch.isinf(t_bad), torch.full_like(t_bad, math.nan), t_bad)
+        self.bad_t = (
+            t_bad if self.bad_t is None else torch.where(torch.isnan(self.bad_t), t_bad, self.bad_t)
+        )
+        return out
 
-
-def _scaled_norm(
-    err: Tensor,
-    y: Tensor,
-    y_new: Tensor,
-    rtol: float,
-    atol: float,
-    norm: Any,
-    packer: _Packer,
-    ones: Tensor,
-) -> Tensor:
-    """Per-sample norm `[Ba]` of err / (atol + rtol max(|y|, |y_new|)).
-
-    The default RMS sums squares with a mat-vec against `ones` `[N]`: on CPU a sum over a
-    short last dimension is ~10x slower.
-    """
-    scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
-    ratio = err.div_(scale)
-    if norm is None:
-        return torch.mv(ratio.square_(), ones).div_(ones.shape[0]).sqrt_()
-    return norm(packer.unpack(ratio))
+    def first_bad_time(self) -> float | None:
+        if self.bad_t is None:
+            return None
+        value = float(self.bad_t[0])
+        return None if math.isnan(value) else value
 
 
 def _initial_step(
     rhs: _Rhs,
+    ctrl: StepController,
     t: Tensor,
     y: Tensor,
     k1: Tensor,
     idx: Tensor,
     span: float,
     direction: float,
-    rtol: float,
-    atol: float,
     norm: Any,
-    packer: _Packer,
 ) -> Tensor:
     """Hairer's starting step `[B]` (signed), per sample (Hairer et al. I, Sec. II.4).
 
@@ -325,14 +320,14 @@ def _initial_step(
     never leaves [t0, t1].
     """
     ones = torch.ones(y.shape[1], dtype=y.dtype, device=y.device)
-    d0 = _scaled_norm(y.clone(), y, y, rtol, atol, norm, packer, ones)
-    d1 = _scaled_norm(k1.clone(), y, y, rtol, atol, norm, packer, ones)
+    d0 = ctrl.error_norm(y.clone(), y, y, ones, norm)
+    d1 = ctrl.error_norm(k1.clone(), y, y, ones, norm)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
     h0 = h0.clamp(max=span)
     h0s = direction * h0
     y1 = torch.addcmul(y, h0s[:, None], k1)
     k2 = rhs(t + h0s, y1, idx)
-    d2 = _scaled_norm(k2 - k1, y, y, rtol, atol, norm, packer, ones) / h0
+    d2 = ctrl.error_norm(k2 - k1, y, y, ones, norm) / h0
     dmax = torch.maximum(d1, d2)
     h1 = torch.where(
         dmax <= 1e-15,
@@ -340,6 +335,65 @@ def _initial_step(
         (0.01 / dmax).pow(1.0 / _ORDER),
     )
     return direction * torch.minimum(100 * h0, h1).clamp(max=span)
+
+
+def _dp5_step(
+    rhs: _Rhs, t: Tensor, t_new: Tensor, y: Tensor, k1: Tensor, idx: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One Dormand-Prince 5(4) step from t to t_new (per sample): (y_new, k7 = f(t_new,
+    y_new) for FSAL, the local error estimate err), all `[Ba, N]`. 6 evaluations."""
+    h = t_new - t
+    h_full = h[:, None].expand_as(y).contiguous()  # one broadcast per step, not seven
+    ks = [k1]
+    for i in range(1, 7):
+        incr = ks[0] * _A[i][0]
+        for a, k in zip(_A[i][1:], ks[1:], strict=True):
+            if a != 0.0:
+                incr = incr.add(k, alpha=a)
+        y_stage = torch.addcmul(y, h_full, incr)
+        t_stage = t_new if _C[i] == 1.0 else t + _C[i] * h
+        ks.append(rhs(t_stage, y_stage, idx))
+    err = ks[0] * _E[0]
+    for e, k in zip(_E[1:], ks[1:], strict=True):
+        if e != 0.0:
+            err = err.add(k, alpha=e)
+    # Stage 7 is evaluated at the 5th-order solution (FSAL): y_stage is y_new.
+    return y_stage, ks[6], err.mul_(h_full)
+
+
+class _Active:
+    """The compact state of the still-active samples; `idx` maps its rows to the batch's.
+
+    Rows leave (`drop`) when their sample is done or failed; `flush` writes the current
+    rows into the per-batch results first."""
+
+    def __init__(
+        self, B: int, y: Tensor, t: Tensor, t_end: Tensor, ctrl_state: ControllerState
+    ) -> None:
+        device = y.device
+        self.idx = torch.arange(B, device=device)
+        self.t, self.t_end, self.y = t, t_end, y
+        self.h = self.k1 = y  # set by the caller
+        self.ctrl = ctrl_state
+        self.acc = torch.zeros(B, dtype=torch.int64, device=device)
+        self.rej = torch.zeros(B, dtype=torch.int64, device=device)
+        self.failed = torch.zeros(B, dtype=torch.bool, device=device)
+        # Results, written row by row as samples leave the active set.
+        self.y_out = torch.empty_like(y)
+        self.acc_out = torch.zeros(B, dtype=torch.int64, device=device)
+        self.rej_out = torch.zeros_like(self.acc_out)
+        self.failed_out = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def flush(self) -> None:
+        self.y_out.index_copy_(0, self.idx, self.y)
+        self.acc_out.index_copy_(0, self.idx, self.acc)
+        self.rej_out.index_copy_(0, self.idx, self.rej)
+        self.failed_out.index_copy_(0, self.idx, self.failed)
+
+    def keep(self, rows: Tensor) -> None:
+        for name in ("idx", "t", "t_end", "h", "y", "k1", "acc", "rej", "failed"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+        self.ctrl = self.ctrl.select(rows)
 
 
 def _integrate(
@@ -359,123 +413,87 @@ def _integrate(
     max_factor: float,
     with_index: bool,
 ) -> tuple[State, PerSampleStats]:
-    """The loop of `solve_per_sample` on the packed state y `[B, N]` (arguments checked)."""
+    """The loop of `solve_per_sample` on the packed state y `[B, N]` (arguments checked):
+    the Dormand-Prince step (`_dp5_step`) under the shared controller (`scoresde._control`)."""
     B, dtype, device = y.shape[0], y.dtype, y.device
     direction = 1.0 if t1 > t0 else -1.0
     span = abs(t1 - t0)
-    beta = 0.04 if controller == "pi" else 0.0
-    alpha = 1.0 / _ORDER - 0.75 * beta
+    ctrl = StepController(
+        rtol=rtol, atol=atol, order=_ORDER, beta=0.04 if controller == "pi" else 0.0,
+        safety=safety, min_factor=min_factor, max_factor=max_factor, max_steps=max_steps,
+        name="solve_per_sample",
+    )  # fmt: skip
     rhs = _Rhs(func, packer, with_index)
     h_min = 4 * torch.finfo(dtype).eps * max(abs(t0), abs(t1), span)
+    unpacked_norm = None if norm is None else (lambda r: norm(packer.unpack(r)))
 
-    # Compact state of the Ba active samples; `idx` maps its rows to rows of the batch.
-    idx = torch.arange(B, device=device)
     t = torch.full((B,), t0, dtype=dtype, device=device)
-    t_end = torch.full((B,), t1, dtype=dtype, device=device)
-    k1 = rhs(t, y, idx)
+    s = _Active(
+        B, y, t, torch.full((B,), t1, dtype=dtype, device=device), ctrl.init_state(B, dtype, device)
+    )
+    s.k1 = rhs(t, y, s.idx)
     if h_init is None:
-        h = _initial_step(rhs, t, y, k1, idx, span, direction, rtol, atol, norm, packer)
+        s.h = _initial_step(rhs, ctrl, t, y, s.k1, s.idx, span, direction, unpacked_norm)
         start_evals = 2
     else:
-        h = torch.full((B,), direction * min(h_init, span), dtype=dtype, device=device)
+        s.h = torch.full((B,), direction * min(h_init, span), dtype=dtype, device=device)
         start_evals = 1
-    # log E of the last accepted step (Hairer's facold, floored at 1e-4), and 1.0 where the
-    # last step was rejected.
-    log_err_prev = torch.full((B,), _LOG_ERR_MIN, dtype=dtype, device=device)
-    rejected_f = torch.zeros(B, dtype=dtype, device=device)
     ones = torch.ones(y.shape[1], dtype=dtype, device=device)  # row sums as one mat-vec
-    acc = torch.zeros(B, dtype=torch.int64, device=device)
-    rej = torch.zeros(B, dtype=torch.int64, device=device)
-    failed = torch.zeros(B, dtype=torch.bool, device=device)
-    # Results, written row by row as samples leave the active set.
-    y_out = torch.empty_like(y)
-    acc_out = torch.zeros(B, dtype=torch.int64, device=device)
-    rej_out = torch.zeros_like(acc_out)
-    failed_out = torch.zeros(B, dtype=torch.bool, device=device)
 
     iterations = 0
     while True:
-        if iterations == max_steps:
-            raise RuntimeError(
-                f"solve_per_sample: {idx.numel()} sample(s) did not reach t1={t1} within "
-                f"max_steps={max_steps} steps (rtol={rtol}, atol={atol}); raise max_steps "
-                "or loosen the tolerances"
-            )
+        ctrl.check_steps(iterations, s.idx.numel(), f"t1={t1}")
         iterations += 1
         # The last step of each sample lands exactly on t1 (never past it). Selections
         # between finite values use lerp with a 0/1 weight, which returns exactly one end
         # (lerp computes start + w (end - start) for w < 1/2, end - (1 - w)(end - start) else)
         # and is far faster than torch.where on CPU.
-        t_try = t + h
-        last = direction * (t_try - t_end) >= 0
-        t_new = torch.lerp(t_try, t_end, last.to(dtype))
-        h = t_new - t
-        h_full = h[:, None].expand_as(y).contiguous()  # one broadcast per step, not seven
-        ks = [k1]
-        for i in range(1, 7):
-            incr = ks[0] * _A[i][0]
-            for a, k in zip(_A[i][1:], ks[1:], strict=True):
-                if a != 0.0:
-                    incr = incr.add(k, alpha=a)
-            y_stage = torch.addcmul(y, h_full, incr)
-            t_stage = t_new if _C[i] == 1.0 else t + _C[i] * h
-            ks.append(rhs(t_stage, y_stage, idx))
-        y_new = y_stage  # stage 7 is evaluated at the 5th-order solution (FSAL)
-        err = ks[0] * _E[0]
-        for e, k in zip(_E[1:], ks[1:], strict=True):
-            if e != 0.0:
-                err = err.add(k, alpha=e)
-        err = err.mul_(h_full)
-        E = _scaled_norm(err, y, y_new, rtol, atol, norm, packer, ones)
-        # A NaN/inf error counts as huge: the step is rejected and shrinks by min_factor.
-        E = torch.nan_to_num(E, nan=_HUGE, posinf=_HUGE).clamp_(min=1e-10)
-        accept = E <= 1.0
+        t_try = s.t + s.h
+        last = direction * (t_try - s.t_end) >= 0
+        t_new = torch.lerp(t_try, s.t_end, last.to(dtype))
+        h = t_new - s.t
+        y_new, k7, err = _dp5_step(rhs, s.t, t_new, s.y, s.k1, s.idx)
+        E = ctrl.error_norm(err, s.y, y_new, ones, unpacked_norm)
+        accept, s.h, s.ctrl = ctrl.decide(E, h, s.ctrl)
         acc_f = accept.to(dtype)
-
-        # Step factor, in logs: PI safety E^(-alpha) E_prev^beta on accepted steps, I
-        # safety E^(-1/5) on rejected ones, clamped, and no growth right after a rejection.
-        log_E = E.log()
-        expo = acc_f * (alpha - 1.0 / _ORDER) + 1.0 / _ORDER
-        log_factor = (acc_f * log_err_prev).mul_(beta).sub_(expo * log_E)
-        factor = log_factor.exp_().mul_(safety).clamp_(min_factor, max_factor)
-        factor = torch.minimum(factor, max_factor + (1.0 - max_factor) * rejected_f)
-
-        acc += accept
-        rej += ~accept
-        mask = accept[:, None].expand_as(y).contiguous()
-        y = torch.where(mask, y_new, y)  # y_new may be non-finite on a rejected step
-        k1 = torch.where(mask, ks[6], k1)
-        t = torch.lerp(t, t_new, acc_f)
-        log_err_prev = torch.lerp(log_err_prev, log_E.clamp(min=_LOG_ERR_MIN), acc_f)
-        rejected_f = 1.0 - acc_f
-        h = h * factor
+        s.acc += accept
+        s.rej += ~accept
+        mask = accept[:, None].expand_as(s.y).contiguous()
+        s.y = torch.where(mask, y_new, s.y)  # y_new may be non-finite on a rejected step
+        s.k1 = torch.where(mask, k7, s.k1)
+        s.t = torch.lerp(s.t, t_new, acc_f)
         # A step too small to move t (underflow, e.g. NaN in func) is a failure.
         done = accept & last
-        stuck = ~(h.abs() >= h_min) & ~done  # written so that a NaN step counts as stuck
-        failed = failed | stuck
-        leaving = done | stuck
-
-        keep = (~leaving).nonzero().squeeze(1)  # the one host sync per step
-        if keep.numel() < idx.numel():
+        stuck = ~(s.h.abs() >= h_min) & ~done  # written so that a NaN step counts as stuck
+        s.failed = s.failed | stuck
+        keep = (~(done | stuck)).nonzero().squeeze(1)  # the one host sync per step
+        if keep.numel() < s.idx.numel():
             # Write every current row out (rows still active are overwritten later), then
             # drop the leavers: finished samples are never evaluated again.
-            y_out.index_copy_(0, idx, y)
-            acc_out.index_copy_(0, idx, acc)
-            rej_out.index_copy_(0, idx, rej)
-            failed_out.index_copy_(0, idx, failed)
+            s.flush()
             if keep.numel() == 0:
                 break
-            idx, t, t_end, h, y, k1 = (v.index_select(0, keep) for v in (idx, t, t_end, h, y, k1))
-            log_err_prev, rejected_f, acc, rej, failed = (
-                v.index_select(0, keep) for v in (log_err_prev, rejected_f, acc, rej, failed)
-            )
+            s.keep(keep)
 
-    if bool(failed_out.any()):
-        bad = failed_out.nonzero().squeeze(1).tolist()
-        raise RuntimeError(
-            f"solve_per_sample: the step size underflowed for sample(s) {bad[:10]} "
-            "(non-finite or extremely stiff right-hand side)"
+    _raise_failures(s.failed_out, rhs)
+    evaluations = start_evals + 6 * (s.acc_out + s.rej_out)
+    stats = PerSampleStats(rhs.nfe, s.acc_out, s.rej_out, evaluations, iterations)
+    return packer.unpack(s.y_out), stats
+
+
+def _raise_failures(failed: Tensor, rhs: _Rhs) -> None:
+    """NonFiniteSolveError (NaN/Inf from func, with the time) or RuntimeError (stiffness)
+    when some sample's step size underflowed."""
+    if not bool(failed.any()):
+        return
+    bad = failed.nonzero().squeeze(1).tolist()
+    t_bad = rhs.first_bad_time()
+    if t_bad is not None:
+        raise NonFiniteSolveError(
+            f"solve_per_sample: non-finite values (NaN/Inf) from func at t = {t_bad:.6g}; "
+            f"the step size underflowed for sample(s) {bad[:10]}"
         )
-    evaluations = start_evals + 6 * (acc_out + rej_out)
-    stats = PerSampleStats(rhs.nfe, acc_out, rej_out, evaluations, iterations)
-    return packer.unpack(y_out), stats
+    raise RuntimeError(
+        f"solve_per_sample: the step size underflowed for sample(s) {bad[:10]} "
+        "(non-finite or extremely stiff right-hand side)"
+    )

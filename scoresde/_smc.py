@@ -102,7 +102,6 @@ def gaussian_transitions(sampler: Any) -> list[Transition]:
     """The sampler's chain as Gaussian steps (all stochastic, including the last one: the
     sampler's `denoise` is not applied, as the condition is placed on the last noisy state).
     """
-    from scoresde.samplers._schedule import Coefficients, make_grid
     from scoresde.samplers.ddim import DDIMSampler, ddim_coefficients
     from scoresde.samplers.pc import (
         AnnealedLangevinCorrector,
@@ -111,12 +110,13 @@ def gaussian_transitions(sampler: Any) -> list[Transition]:
         PCSampler,
         _LinearStepPredictor,
     )
+    from scoresde.samplers.toolkit import Coefficients, make_grid
 
     sde = sampler.sde
     if isinstance(sampler, EulerMaruyamaSampler):
         grid = make_grid(sde, sampler.num_steps, sampler.time_grid, sampler.eps)
         t, h = grid[:-1], grid[:-1] - grid[1:]
-        f, g2 = sde.drift_coef(t), sde.diffusion_coef(t) ** 2
+        f, g2 = sde.reverse_coefficients(t)  # the reverse drift f x - g^2 s
         rows = zip(
             grid[:-1].tolist(),
             grid[1:].tolist(),

@@ -15,6 +15,14 @@ import torch
 Tensor = torch.Tensor
 
 
+class NonFiniteError(FloatingPointError):
+    """A trajectory produced NaN or Inf; the message names the step and time.
+
+    Exported as `scoresde.samplers.NonFiniteError`; defined here so that the solvers below
+    the samplers (`scoresde.flow`, `scoresde._ode`) raise the same class.
+    """
+
+
 def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
     """Return `value` as a float, or raise if it is not a finite (strictly) positive number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -39,7 +39,7 @@ from scoresde._validation import (
     expand_like,
 )
 from scoresde.nets.score_model import ScoreModel
-from scoresde.sdes import SDE, VPSDE, CosineVPSDE, SubVPSDE
+from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
 ScoreFn = Callable[..., Tensor]
@@ -329,7 +329,7 @@ class DDPMLoss(_Loss):
     """
 
     def __init__(self, sde: SDE, reduce_mean: bool = True, label_dropout: float = 0.0) -> None:
-        if not isinstance(sde, (VPSDE, CosineVPSDE)) or isinstance(sde, SubVPSDE):
+        if not isinstance(sde, SDE) or not sde.has_ddpm_chain:
             raise TypeError(
                 "sde must be a VPSDE or CosineVPSDE (DDPM's discrete chain is variance "
                 f"preserving), got {type(sde).__name__}; use DSMLoss for other SDEs"

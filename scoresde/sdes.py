@@ -143,20 +143,76 @@ class SDE(abc.ABC):
         """Discrete step index i = floor(t (N - 1) / T), clamped to [0, N - 1]."""
         return (t * (self.N - 1) / self.T).long().clamp(0, self.N - 1)
 
+    # --- what this SDE can do (asked of the SDE, never by isinstance elsewhere) --------------
+    #: The short name of a built-in SDE ("vp", "subvp", "ve", "cosine"); None for others.
+    name: str | None = None
+
+    #: alpha(t)^2 + sigma(t)^2 = 1 for all t (VP, cosine VP): x_t is on DDPM's scale.
+    variance_preserving: bool = False
+    #: The SDE's own kernel is a DDPM chain q(x_i | x_0) = N(sqrt(abar_i) x_0, (1 - abar_i) I)
+    #: at matched times: VP (DDPM's linear betas) and cosine VP (Improved DDPM's); not sub-VP
+    #: (alpha^2 + sigma^2 < 1; the reference implementation has no chain for it either) nor
+    #: VE (SMLD's chain).
+    has_ddpm_chain: bool = False
+
+    def ddpm_alphas_cumprod(self, N: int | None = None) -> Tensor | None:
+        """The DDPM chain's abar_i `[N]` (float64) of this SDE with N steps (default self.N),
+        or None when it has none (`has_ddpm_chain`)."""
+        if not self.has_ddpm_chain:
+            return None
+        sde = self if N is None or N == self.N else self.with_N(N)
+        return sde.alphas_cumprod
+
+    def config(self) -> dict[str, Any]:
+        """{"name": ..., constructor kwargs}: what a checkpoint stores to rebuild the SDE
+        (`scoresde.training.build_sde(**config)`); {"name": class name, "custom": True} for
+        an SDE that is not built in."""
+        if self.name is None:
+            return {"name": type(self).__name__, "custom": True}
+        return {"name": self.name, **self._kwargs(), "N": self.N}
+
+    def _kwargs(self) -> dict[str, Any]:
+        """The constructor's keyword arguments other than N (built-in SDEs)."""
+        return {}
+
+    def with_N(self, N: int) -> SDE:
+        """A copy of this SDE with N discretization steps (the same continuous process)."""
+        if self.name is None:
+            raise TypeError(f"with_N needs a built-in SDE, got {type(self).__name__}")
+        return type(self)(**self._kwargs(), N=N)
+
+    def diffusion_sq(self, t: Tensor) -> Tensor:
+        """g(t)^2 in closed form (an analytic continuation slightly past [0, T] where the
+        square root is not defined)."""
+        return self.diffusion_coef(t) ** 2
+
+    def sigma_sq(self, t: Tensor) -> Tensor:
+        """sigma(t)^2 in closed form (analytic slightly past [0, T])."""
+        return self.sigma(t) ** 2
+
+    def reverse_coefficients(
+        self, t: Tensor, probability_flow: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """(f(t), c(t)) shaped like t, with the reverse drift f(t) x - c(t) s(x, t):
+        c = g^2 for the reverse SDE, g^2 / 2 for the probability-flow ODE."""
+        g2 = self.diffusion_coef(t) ** 2
+        return self.drift_coef(t), 0.5 * g2 if probability_flow else g2
+
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
         """The reverse-time SDE (or probability-flow ODE) driven by `score_fn`."""
         return ReverseSDE(self, score_fn, probability_flow)
 
-    def _kernel_repr(self) -> str:
-        return ""
-
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._kernel_repr()}N={self.N})"
+        kwargs = "".join(f"{k}={v}, " for k, v in self._kwargs().items())
+        return f"{type(self).__name__}({kwargs}N={self.N})"
 
 
 class ReverseSDE:
     """dx = [f - g^2 score] dt + g dw_bar, or with `probability_flow` the ODE
     dx = [f - g^2 score / 2] dt, integrated from t = T down to 0.
+
+    The drift's coefficients are `SDE.reverse_coefficients`, which every sampler, the
+    likelihood and `scoresde.flow` read: the reverse drift is defined there only.
     """
 
     def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False) -> None:
@@ -170,11 +226,11 @@ class ReverseSDE:
 
     def sde(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
         """(reverse drift shaped like x, diffusion `[B]`; zero for the ODE)."""
+        check_data("x", x)
         t = broadcast_time(t, x)
-        drift, diffusion = self.forward_sde.sde(x, t)
-        score = self.score_fn(x, t)
-        weight = 0.5 if self.probability_flow else 1.0
-        drift = drift - expand_like(diffusion**2, x) * score * weight
+        f, c = self.forward_sde.reverse_coefficients(t, self.probability_flow)
+        drift = expand_like(f, x) * x - expand_like(c, x) * self.score_fn(x, t)
+        diffusion = self.forward_sde.diffusion_coef(t)
         if self.probability_flow:
             diffusion = torch.zeros_like(diffusion)
         return drift, diffusion
@@ -286,8 +342,20 @@ class VPSDE(_VPFamily):
         f = expand_like(torch.sqrt(1.0 - beta), x) * x - x
         return f, torch.sqrt(beta)
 
-    def _kernel_repr(self) -> str:
-        return f"beta_min={self.beta_0}, beta_max={self.beta_1}, "
+    name = "vp"
+    variance_preserving = True
+    has_ddpm_chain = True
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"beta_min": self.beta_0, "beta_max": self.beta_1}
+
+    def diffusion_sq(self, t: Tensor) -> Tensor:
+        """g(t)^2 = beta(t)."""
+        return self.beta(t)
+
+    def sigma_sq(self, t: Tensor) -> Tensor:
+        """sigma(t)^2 = 1 - exp(2 c(t))."""
+        return -torch.expm1(2 * self.log_mean_coeff(t))
 
 
 class SubVPSDE(VPSDE):
@@ -323,6 +391,20 @@ class SubVPSDE(VPSDE):
     def discretize(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
         """Euler–Maruyama (the reference implementation has no special chain for sub-VP)."""
         return SDE.discretize(self, x, t)
+
+    name = "subvp"
+    # Its `discrete_betas`/`alphas_cumprod` are VP's (kept for SNR matching, e.g. by
+    # `ddpm_vlb`), but its kernel is not that chain's.
+    variance_preserving = False
+    has_ddpm_chain = False
+
+    def diffusion_sq(self, t: Tensor) -> Tensor:
+        """g(t)^2 = beta(t) (1 - exp(4 c(t)))."""
+        return self.beta(t) * -torch.expm1(4 * self.log_mean_coeff(t))
+
+    def sigma_sq(self, t: Tensor) -> Tensor:
+        """sigma(t)^2 = (1 - exp(2 c(t)))^2."""
+        return (-torch.expm1(2 * self.log_mean_coeff(t))) ** 2
 
 
 class VESDE(SDE):
@@ -385,8 +467,14 @@ class VESDE(SDE):
         previous = torch.where(i == 0, torch.zeros_like(sigma), sigmas[(i - 1).clamp(min=0)])
         return torch.zeros_like(x), torch.sqrt(sigma**2 - previous**2)
 
-    def _kernel_repr(self) -> str:
-        return f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
+    name = "ve"
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+    def diffusion_sq(self, t: Tensor) -> Tensor:
+        """g(t)^2 = 2 log(sigma_max / sigma_min) sigma(t)^2."""
+        return 2 * self._log_ratio * self.sigma(t) ** 2
 
 
 class CosineVPSDE(_VPFamily):
@@ -482,5 +570,13 @@ class CosineVPSDE(_VPFamily):
         lam = as_tensor(lam)
         return self._t_from_alpha(torch.sqrt(torch.sigmoid(lam)), torch.sigmoid(-lam))
 
-    def _kernel_repr(self) -> str:
-        return f"s={self.s}, t_max={self.t_max}, "
+    name = "cosine"
+    variance_preserving = True
+    has_ddpm_chain = True
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"s": self.s, "t_max": self.t_max}
+
+    def diffusion_sq(self, t: Tensor) -> Tensor:
+        """g(t)^2 = beta(t)."""
+        return self.beta(t)

@@ -144,15 +144,7 @@ def build_sde(name: str, **kwargs: Any) -> SDE:
 
 def sde_config(sde: SDE) -> dict[str, Any]:
     """{"name": ..., constructor kwargs} of a built-in SDE (inverse of `build_sde`)."""
-    kind = type(sde)
-    if kind is VESDE:
-        return {"name": "ve", "sigma_min": sde.sigma_min, "sigma_max": sde.sigma_max, "N": sde.N}
-    if kind is CosineVPSDE:
-        return {"name": "cosine", "N": sde.N, "s": sde.s, "t_max": sde.t_max}
-    if kind in (VPSDE, SubVPSDE):
-        name = "vp" if kind is VPSDE else "subvp"
-        return {"name": name, "beta_min": sde.beta_0, "beta_max": sde.beta_1, "N": sde.N}
-    return {"name": type(sde).__name__, "custom": True}
+    return sde.config()  # asked of the SDE (scoresde.sdes)
 
 
 def build_model(

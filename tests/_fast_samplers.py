@@ -7,38 +7,14 @@ import math
 
 import torch
 import torchdiffeq
+from conftest import GM, TRUE_NLL, assert_mixture, mixture_errors  # noqa: F401
 
 from scoresde import VESDE, VPSDE, CosineVPSDE, SubVPSDE
-from scoresde.toy import GaussianMixture, benchmark_mixture_2d
+from scoresde.toy import GaussianMixture
 
-GM = benchmark_mixture_2d()
-TRUE_NLL = 1.2581  # E[-log p(x)] of the benchmark mixture (400k-sample estimate, sd 0.002)
 SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(), "cosine": CosineVPSDE()}
 # A smooth 2-D mixture (wide, overlapping components) where the asymptotic orders show early.
 SMOOTH = GaussianMixture([0.6, 0.4], [[-0.5, 0.2], [0.7, -0.3]], [0.5, 0.3])
-
-
-def mixture_errors(x: torch.Tensor, gm: GaussianMixture = GM, nll: float = TRUE_NLL) -> dict:
-    """|mean NLL - entropy|, max mode-weight error, max |mean error|, max |cov error|."""
-    x = x.double()
-    weights = gm.responsibilities(x).mean(0)
-    return {
-        "nll": abs(float(-gm.log_prob(x).mean()) - nll),
-        "weights": float((weights - gm.weights).abs().max()),
-        "mean": float((x.mean(0) - gm.mean()).abs().max()),
-        "cov": float((torch.cov(x.T) - gm.covariance()).abs().max()),
-    }
-
-
-def assert_mixture(x: torch.Tensor, nll_tol: float = 0.07) -> dict:
-    """n = 3000: sampling sd of the NLL mean 0.019, of a mode weight <= 0.009."""
-    assert torch.isfinite(x).all()
-    err = mixture_errors(x)
-    assert err["nll"] < nll_tol, err
-    assert err["weights"] < 0.03, err
-    assert err["mean"] < 0.08, err
-    assert err["cov"] < 0.12, err
-    return err
 
 
 def draw(sampler, sde, n: int = 3000, seed: int = 0, gm: GaussianMixture = GM, **kw):

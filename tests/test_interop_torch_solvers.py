@@ -7,26 +7,12 @@ import pytest
 import torch
 import torchdiffeq
 import torchsde
+from conftest import GM, TRUE_NLL, assert_mixture, mixture_errors  # noqa: F401
 
 from scoresde import VESDE, VPSDE, SubVPSDE
 from scoresde.interop import to_torchdiffeq, to_torchsde
 from scoresde.samplers.ode import ODESampler
-from scoresde.toy import benchmark_mixture_2d, random_mixture
-
-GM = benchmark_mixture_2d()
-TRUE_NLL = 1.2581  # E[-log p(x)] of the mixture (400k-sample estimate)
-
-
-def assert_mixture(x: torch.Tensor, nll_tol: float = 0.07) -> None:
-    """NLL near the mixture's entropy, mode weights within 0.03 (n = 3000: sampling sd 0.019
-    and <= 0.009)."""
-    x = x.double()
-    assert torch.isfinite(x).all()
-    nll = float(-GM.log_prob(x).mean())
-    weights = GM.responsibilities(x).mean(0)
-    assert abs(nll - TRUE_NLL) < nll_tol, nll
-    assert (weights - GM.weights).abs().max() < 0.03, weights
-    assert (x.mean(0) - GM.mean()).abs().max() < 0.08
+from scoresde.toy import random_mixture
 
 
 def _sdeint(sde, method: str, noise_type: str, steps: int, n: int = 3000) -> tuple:
@@ -61,7 +47,7 @@ def _sdeint(sde, method: str, noise_type: str, steps: int, n: int = 3000) -> tup
 def test_torchsde_samples_the_mixture(sde, method: str, noise_type: str, steps: int) -> None:
     ys, rsde = _sdeint(sde, method, noise_type, steps)
     assert ys.shape == (2, 3000, 2)
-    assert_mixture(ys[-1])
+    assert_mixture(ys[-1], check_cov=False)  # this test never checked the covariance
     assert rsde.nfe >= steps
 
 

@@ -8,32 +8,18 @@ import math
 
 import pytest
 import torch
+from conftest import GM, TRUE_NLL, assert_mixture, mixture_errors  # noqa: F401
 
 from scoresde import VESDE, VPSDE, CosineVPSDE, SubVPSDE
 from scoresde.samplers.grids import time_grid
 from scoresde.samplers.ode import ODESampler, per_sample_max_rms
-from scoresde.toy import GaussianMixture, benchmark_mixture_2d, random_mixture
+from scoresde.toy import GaussianMixture, random_mixture
 
-GM = benchmark_mixture_2d()
-TRUE_NLL = 1.2581  # E[-log p(x)] of the mixture (400k-sample estimate)
 SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(), "cosine": CosineVPSDE()}
 
 
 def prior(sde, n: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
     return sde.prior_sampling((n, 2), generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def assert_mixture(x: torch.Tensor, nll_tol: float = 0.07) -> None:
-    """NLL under the mixture near its entropy, mode weights, mean and covariance
-    (n = 3000: sampling sd 0.019 for the NLL, <= 0.009 for a weight, 0.021 for a mean)."""
-    x = x.double()
-    assert torch.isfinite(x).all()
-    nll = float(-GM.log_prob(x).mean())
-    weights = GM.responsibilities(x).mean(0)
-    assert abs(nll - TRUE_NLL) < nll_tol, nll
-    assert (weights - GM.weights).abs().max() < 0.03, weights
-    assert (x.mean(0) - GM.mean()).abs().max() < 0.08
-    assert (torch.cov(x.T) - GM.covariance()).abs().max() < 0.12
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:

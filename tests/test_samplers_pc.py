@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import GM, TRUE_NLL, assert_mixture, mixture_errors  # noqa: F401
 
 from scoresde import VESDE, VPSDE, CosineVPSDE, SubVPSDE
 from scoresde.samplers.pc import (
@@ -17,36 +18,9 @@ from scoresde.samplers.pc import (
     Predictor,
     with_num_steps,
 )
-from scoresde.toy import benchmark_mixture_2d, random_mixture
+from scoresde.toy import random_mixture
 
-GM = benchmark_mixture_2d()
-TRUE_NLL = 1.2581  # E[-log p(x)] of the mixture (400k-sample estimate, sd 0.002)
 N_SAMPLES = 3000
-
-
-def mixture_errors(x: torch.Tensor) -> dict[str, float]:
-    """Errors of samples x `[n, 2]` against the benchmark mixture: |mean NLL - entropy|,
-    max mode-weight error (responsibilities), max |mean error|, max |cov error|."""
-    x = x.double()
-    nll = -GM.log_prob(x).mean()
-    weights = GM.responsibilities(x).mean(0)
-    cov = torch.cov(x.T)
-    return {
-        "nll": abs(float(nll) - TRUE_NLL),
-        "weights": float((weights - GM.weights).abs().max()),
-        "mean": float((x.mean(0) - GM.mean()).abs().max()),
-        "cov": float((cov - GM.covariance()).abs().max()),
-    }
-
-
-def assert_mixture(x: torch.Tensor, nll_tol: float = 0.07) -> None:
-    # n = 3000: sampling sd of the NLL mean 0.019, of a mode weight <= 0.009, of a mean 0.021.
-    err = mixture_errors(x)
-    assert torch.isfinite(x).all()
-    assert err["nll"] < nll_tol, err
-    assert err["weights"] < 0.03, err
-    assert err["mean"] < 0.08, err
-    assert err["cov"] < 0.12, err
 
 
 def draw(sampler, sde, n: int = N_SAMPLES, seed: int = 0, **kw) -> torch.Tensor:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from scoresde.flow import ProbabilityFlow
 from scoresde.sdes import SDE, VESDE, VPSDE, SubVPSDE
 from scoresde.toy import GaussianMixture, benchmark_mixture_2d, eight_gaussians, random_mixture
 
@@ -82,19 +83,9 @@ def make_sde(kind: str) -> SDE:
 
 
 def _schedule_sq(sde: SDE, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(f(t), g(t)^2, alpha(t), sigma(t)^2), analytic in t slightly outside [0, T]."""
-    if isinstance(sde, VPSDE):  # also SubVPSDE
-        c = sde.log_mean_coeff(t)
-        beta = sde.beta(t)
-        one_minus = -torch.expm1(2 * c)
-        if isinstance(sde, SubVPSDE):
-            return -0.5 * beta, beta * -torch.expm1(4 * c), torch.exp(c), one_minus**2
-        return -0.5 * beta, beta, torch.exp(c), one_minus
-    if isinstance(sde, VESDE):
-        sigma = sde.sigma(t)
-        return torch.zeros_like(t), 2 * sde._log_ratio * sigma**2, torch.ones_like(t), sigma**2
-    f, g = sde.drift_coef(t), sde.diffusion_coef(t)
-    return f, g**2, sde.alpha(t), sde.sigma(t) ** 2
+    """(f(t), g(t)^2, alpha(t), sigma(t)^2), analytic in t slightly outside [0, T]
+    (`SDE.diffusion_sq`, `SDE.sigma_sq`: no square roots)."""
+    return sde.drift_coef(t), sde.diffusion_sq(t), sde.alpha(t), sde.sigma_sq(t)
 
 
 class _MixtureTables:
@@ -125,19 +116,41 @@ def exact_score(
     return -torch.einsum("kdj,bkj->bd", tb.U, resp[:, :, None] * y / var)
 
 
+def schedule_coefficients(sde: SDE) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """t -> (f(t), g(t)^2 / 2) from `_schedule_sq`'s analytic continuation, as the
+    `coefficients` of `scoresde.flow.ProbabilityFlow`."""
+
+    def coefficients(t: Tensor) -> tuple[Tensor, Tensor]:
+        f, g2, _, _ = _schedule_sq(sde, t)
+        return f, 0.5 * g2
+
+    return coefficients
+
+
+def at_one_time(score: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """score(x, t [B]) -> score(x, t[0]): the benchmark scores take one time for the whole
+    batch (every call of the torchdiffeq solvers is at one time)."""
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        return score(x, t.reshape(-1)[0])
+
+    return fn
+
+
 def pf_ode_field(sde: SDE, mixture: GaussianMixture) -> Callable[[Tensor, Tensor], Tensor]:
-    """The exact probability-flow field dx/dt = f(t) x - g(t)^2 score_t(x) / 2 for
+    """The exact probability-flow field dx/dt = f(t) x - g(t)^2 score_t(x) / 2
+    (`scoresde.flow.ProbabilityFlow` on the analytic continuation of the schedule) for
     torchdiffeq: `field(t 0-d, x [B, D]) -> [B, D]`."""
     tables: dict = {}
 
-    def field_fn(t: Tensor, x: Tensor) -> Tensor:
+    def score(x: Tensor, t: Tensor) -> Tensor:
         key = (x.device, x.dtype)
         if key not in tables:
             tables[key] = _MixtureTables(mixture, x)
-        f, g2, alpha, var = _schedule_sq(sde, t.to(x.dtype))
-        return f * x - 0.5 * g2 * exact_score(mixture, x, alpha, var, tables[key])
+        _, _, alpha, var = _schedule_sq(sde, t)
+        return exact_score(mixture, x, alpha, var, tables[key])
 
-    return field_fn
+    return ProbabilityFlow(sde, at_one_time(score), coefficients=schedule_coefficients(sde))
 
 
 def reference_solve(

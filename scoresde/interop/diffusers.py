@@ -34,7 +34,7 @@ from scoresde._validation import (
     check_positive_int,
     expand_like,
 )
-from scoresde.sdes import SDE, VPSDE, CosineVPSDE, SubVPSDE
+from scoresde.sdes import SDE, VPSDE
 
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -69,17 +69,15 @@ def _require_diffusers() -> Any:
 
 def _default_alphas_cumprod(sde: SDE, num_train_timesteps: int) -> Tensor:
     """The discrete chain a DDPM-style model of `sde` was trained on, with M timesteps."""
-    m = num_train_timesteps
-    if m == sde.N and hasattr(sde, "alphas_cumprod"):
-        return sde.alphas_cumprod
-    if isinstance(sde, CosineVPSDE):
-        return CosineVPSDE(N=m, s=sde.s, t_max=sde.t_max).alphas_cumprod
-    if isinstance(sde, VPSDE):  # also sub-VP: same discrete betas (DDPM's chain)
-        return VPSDE(beta_min=sde.beta_0, beta_max=sde.beta_1, N=m).alphas_cumprod
-    raise ValueError(
-        f"{type(sde).__name__} has no DDPM-style discrete chain; pass alphas_cumprod= (a "
-        "tensor [M] or a diffusers scheduler) to say which noise levels the model was trained on"
-    )
+    abar = sde.ddpm_alphas_cumprod(num_train_timesteps)
+    if abar is None:
+        # Sub-VP and VE: their kernels are not a DDPM chain (`SDE.has_ddpm_chain`).
+        raise ValueError(
+            f"{type(sde).__name__} has no DDPM-style discrete chain; pass alphas_cumprod= (a "
+            "tensor [M] or a diffusers scheduler, e.g. VPSDE().alphas_cumprod for DDPM's) to "
+            "say which noise levels the model was trained on"
+        )
+    return abar
 
 
 def _as_alphas_cumprod(value: Any) -> Tensor:
@@ -182,7 +180,7 @@ class DiffusersScoreFn:
         self.levels = _NoiseLevels(alphas_cumprod)
         self.num_train_timesteps = self.levels.M
         self.model_kwargs = dict(model_kwargs)
-        self._vp_scale = isinstance(sde, (VPSDE, CosineVPSDE)) and not isinstance(sde, SubVPSDE)
+        self._vp_scale = sde.variance_preserving
 
     def _eps(self, x: Tensor, k: Tensor) -> Tensor:
         dtype = _model_dtype(self.model) or x.dtype
@@ -302,7 +300,7 @@ class DiffusersEpsModel:
         self.sde = sde
         self.levels = _NoiseLevels(alphas_cumprod)
         self.num_train_timesteps = self.levels.M
-        self._vp_scale = isinstance(sde, (VPSDE, CosineVPSDE)) and not isinstance(sde, SubVPSDE)
+        self._vp_scale = sde.variance_preserving
 
     def __call__(self, sample: Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Tensor:
         x = check_data("sample", sample)
@@ -375,7 +373,7 @@ def vpsde_to_ddpm_scheduler_config(sde: VPSDE) -> dict[str, Any]:
     `DDPMScheduler(**vpsde_to_ddpm_scheduler_config(VPSDE()))` has the alphas_cumprod of
     `VPSDE().alphas_cumprod` (up to diffusers' float32 betas, |diff| < 3e-7).
     """
-    if type(sde) is not VPSDE:
+    if sde.name != "vp":
         raise ValueError(
             f"only VPSDE maps to a DDPM scheduler config (DDPM's linear betas), got "
             f"{type(sde).__name__}; for other SDEs pass the model's alphas_cumprod to "

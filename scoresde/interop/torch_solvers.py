@@ -28,7 +28,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from scoresde._validation import broadcast_time, check_choice, check_data, expand_like
+from scoresde._validation import (
+    broadcast_time,
+    check_choice,
+    check_data,
+    check_positive,
+    expand_like,
+)
+from scoresde.flow import ProbabilityFlow
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
@@ -98,7 +105,8 @@ class TorchsdeReverseSDE(nn.Module):
         return torch.linspace(0.0, self.sde.T - eps, num_points, dtype=dtype, device=device)
 
     def _time(self, s: Tensor, y: Tensor) -> Tensor:
-        return broadcast_time(self.sde.T - s, y)
+        # Clamped to [0, T]: the score is never evaluated outside it, whatever s torchsde asks.
+        return broadcast_time(self.sde.T - s, y).clamp(0.0, self.sde.T)
 
     def f(self, s: Tensor, y: Tensor) -> Tensor:
         """Drift in s: -[f(t) y - g(t)^2 s(y, t)], t = T - s; y `[B, D]`."""
@@ -106,9 +114,8 @@ class TorchsdeReverseSDE(nn.Module):
         x = y if self.data_shape is None else y.reshape(y.shape[0], *self.data_shape)
         score = self.score_fn(x, t).reshape(y.shape)
         self.nfe += 1
-        drift = expand_like(self.sde.drift_coef(t), y) * y
-        g2 = expand_like(self.sde.diffusion_coef(t) ** 2, y)
-        return g2 * score - drift
+        f, g2 = self.sde.reverse_coefficients(t)  # the reverse drift is f y - g^2 score
+        return expand_like(g2, y) * score - expand_like(f, y) * y
 
     def g(self, s: Tensor, y: Tensor) -> Tensor:
         """Diffusion g(T - s): `[B, D]` (diagonal) or `[B, D, D]` (additive)."""
@@ -117,23 +124,28 @@ class TorchsdeReverseSDE(nn.Module):
 
 
 class ProbabilityFlowODE(nn.Module):
-    """dx/dt = f(t) x - g(t)^2 s(x, t) / 2 as `forward(t, x)` for `torchdiffeq.odeint`;
-    x `[B, *D]`, t a float or 0-d tensor. `score_fn` (if a module) is a submodule, so
-    `odeint_adjoint` sees its parameters."""
+    """dx/dt = f(t) x - g(t)^2 s(x, t) / 2 (`scoresde.flow.ProbabilityFlow`) as
+    `forward(t, x)` for `torchdiffeq.odeint`; x `[B, *D]`, t a float or 0-d tensor.
+    `score_fn` (if a module) is a submodule, so `odeint_adjoint` sees its parameters.
 
-    def __init__(self, sde: SDE, score_fn: ScoreFn) -> None:
+    The score is only evaluated on [t_min, T] (default [0, T]): times outside are clamped,
+    since torchdiffeq's first-step probe may leave the interval of the solve (pass the end
+    time of your solve as `t_min`, or solve with `scoresde.flow.solve`, which never does).
+    """
+
+    def __init__(self, sde: SDE, score_fn: ScoreFn, t_min: float = 0.0) -> None:
         super().__init__()
         _check_common(sde, score_fn)
         self.sde = sde
         self.score_fn = score_fn
+        self.t_min = check_positive("t_min", t_min, allow_zero=True)
+        self._flow = ProbabilityFlow(sde, score_fn, t_range=(self.t_min, sde.T))
         self.nfe = 0
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        t = broadcast_time(t, x)
-        score = self.score_fn(x, t)
+        out = self._flow(t, x)
         self.nfe += 1
-        c = 0.5 * self.sde.diffusion_coef(t) ** 2
-        return expand_like(self.sde.drift_coef(t), x) * x - expand_like(c, x) * score
+        return out
 
 
 def to_torchsde(
@@ -147,7 +159,7 @@ def to_torchsde(
     return TorchsdeReverseSDE(sde, score_fn, data_shape, noise_type)
 
 
-def to_torchdiffeq(sde: SDE, score_fn: ScoreFn) -> ProbabilityFlowODE:
+def to_torchdiffeq(sde: SDE, score_fn: ScoreFn, t_min: float = 0.0) -> ProbabilityFlowODE:
     """The probability-flow ODE of `sde` driven by `score_fn` as a `func(t, x)` for
-    `torchdiffeq.odeint` (see `ProbabilityFlowODE`)."""
-    return ProbabilityFlowODE(sde, score_fn)
+    `torchdiffeq.odeint`, its score evaluated on [t_min, T] only (see `ProbabilityFlowODE`)."""
+    return ProbabilityFlowODE(sde, score_fn, t_min)

@@ -6,6 +6,7 @@ progress=False, callback=None, batch_invariant=False)`; after a run, `sampler.nf
 number of score evaluations it made.
 """
 
+from scoresde.samplers import toolkit  # noqa: E402  the solver toolkit (public)
 from scoresde.samplers.adaptive import AdaptiveSDESampler
 from scoresde.samplers.base import NonFiniteError, Sampler, SamplingContext
 from scoresde.samplers.ddim import DDIMSampler
@@ -39,4 +40,4 @@ SAMPLERS: dict[str, type[Sampler]] = {
 __all__ = ["SAMPLERS", "Sampler", "SamplingContext", "NonFiniteError", "time_grid", "GRIDS"]
 __all__ += ["DDIMSampler", "DPMSolverSampler", "EDMSampler", "AdaptiveSDESampler"]
 __all__ += ["PCSampler", "EulerMaruyamaSampler", "ODESampler", "Predictor", "Corrector"]
-__all__ += ["PCContext", "optimize_time_grid", "SASolverSampler"]
+__all__ += ["PCContext", "optimize_time_grid", "SASolverSampler", "toolkit"]

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scoresde.samplers._schedule import Coefficients
 from scoresde.samplers.base import SamplingContext
+from scoresde.samplers.toolkit import Coefficients
 
 Tensor = torch.Tensor
 

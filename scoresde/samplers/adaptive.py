@@ -34,13 +34,15 @@ score s(x, t) is recomputed (one more call), so inpainting by replacement works.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from scoresde._control import ControllerState, StepController
 from scoresde._validation import check_bool, check_eps, check_positive, check_positive_int
 from scoresde.samplers._brownian import BrownianMemory, _put, _take
-from scoresde.samplers.base import NonFiniteError, Sampler, SamplingContext
+from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
@@ -62,6 +64,18 @@ def _update_bar(bar: Any, t: Tensor, eps: float, T: float, nfe: int) -> None:
     t_max, n_done = torch.stack([t.max(), (t <= eps).sum().to(t.dtype)]).tolist()
     bar.update(min(max((T - t_max) / (T - eps), 0.0), 1.0) - bar.n)
     bar.set_postfix(nfe=nfe, finished=int(n_done), refresh=False)
+
+
+def _take_state(state: ControllerState, sel: Tensor | None) -> ControllerState:
+    return state if sel is None else state.select(sel)
+
+
+def _put_state(state: ControllerState, sel: Tensor | None, new: ControllerState) -> ControllerState:
+    if sel is None:
+        return new
+    return ControllerState(
+        _put(state.log_err_prev, sel, new.log_err_prev), _put(state.rejected, sel, new.rejected)
+    )
 
 
 class AdaptiveSDESampler(Sampler):
@@ -133,13 +147,17 @@ class AdaptiveSDESampler(Sampler):
         fresh = torch.zeros(batch, dtype=torch.bool, device=device)
         accepted = torch.zeros(batch, dtype=torch.int64, device=device)
         rejected = torch.zeros_like(accepted)
+        ctrl = self._controller()
+        state = ctrl.init_state(batch, torch.float64, device)
         bar = _progress_bar(ctx)
+        it = 0
         try:
-            for it in range(self.max_iters):
+            while True:
                 active = t > eps
                 idx = torch.nonzero(active).squeeze(1)  # one sync per iteration ends the loop
                 if idx.numel() == 0:
                     break
+                ctrl.check_steps(it, idx.numel(), f"eps={eps}")
                 # sel: the active rows, None when all are (no gathers then).
                 sel = None if idx.numel() == batch else idx
                 stale = torch.nonzero(active & ~fresh).squeeze(1)
@@ -156,27 +174,14 @@ class AdaptiveSDESampler(Sampler):
                 w_q = path.query(sel, t_a, q, _take(ctx.randn_like(x), sel))
                 dw = _take(path.w, sel) - w_q  # W(t) - W(q): the reverse-time increment
                 f_q, g_q = self._coefs(q, dtype)
-                hh = step.to(dtype)[:, None]
-                # b(x, t) = f x - g^2 s: the reverse drift, integrated backwards in time.
-                b_a = torch.addcmul(
-                    f_a * x_a, g_a * g_a, score_t if sel is None else score_t[sel], value=-1.0
-                )
-                x_em = torch.addcmul(torch.addcmul(x_a, hh, b_a, value=-1.0), g_a, dw)
-                s_q = self._score(ctx, x_em, q, shape)
-                b_q = torch.addcmul(f_q * x_em, g_q * g_q, s_q, value=-1.0)
-                # x' - x'' = h/2 (b(x', t - h) - b(x, t)) + (g(t) - g(t - h))/2 dW.
-                diff = torch.addcmul(hh * (b_q - b_a), g_a - g_q, dw).mul_(0.5)
-                err = self._error(x_a, x_em, diff)
-                if not bool(torch.isfinite(err).all()):
-                    raise NonFiniteError(
-                        f"non-finite error estimate at iteration {it}; check the score function"
-                    )
-                ok = err <= 1.0
+                s_a = score_t if sel is None else score_t[sel]
+                x_em, diff = self._pair(ctx, x_a, q, step, f_a, g_a, f_q, g_q, dw, s_a, shape)
+                # The controller (scoresde._control): E, accept, the next step, NaN report.
+                E = ctrl.error_norm(diff.clone(), x_a, x_em, norm=self._rms64)
+                ok, h_next, st = ctrl.decide(E, step, _take_state(state, sel), t=t_a)
+                state = _put_state(state, sel, st)
+                h = _put(h, sel, h_next)
                 ok_col = ok[:, None]
-                # Per-sample controller; E = 0 means "as large as allowed".
-                h = _put(h, sel, torch.clamp(
-                    self.safety * step * err.clamp(min=1e-10).pow(-self.exponent), max=self.h_max
-                ))  # fmt: skip
                 x_new = x_em - diff if self.extrapolate else x_em
                 x = _put(x, sel, torch.where(ok_col, x_new, x_a))
                 # t is replaced, not written in place: the callback and the guard may keep it.
@@ -191,12 +196,7 @@ class AdaptiveSDESampler(Sampler):
                 x, fresh = self._after_step(ctx, it, t, x, fresh, shape)
                 if bar is not None:
                     _update_bar(bar, t, eps, T, ctx.score.nfe)
-            else:
-                raise RuntimeError(
-                    f"AdaptiveSDESampler did not reach eps in max_iters={self.max_iters} "
-                    f"iterations (rtol={self.rtol}, atol={self.atol}); loosen the tolerances "
-                    "or raise max_iters"
-                )
+                it += 1
         finally:
             if bar is not None:
                 bar.close()
@@ -208,12 +208,38 @@ class AdaptiveSDESampler(Sampler):
             x = torch.add(x, score, alpha=float(sigma) ** 2).mul_(1.0 / float(alpha))
         return x
 
-    def _error(self, x_a: Tensor, x_em: Tensor, diff: Tensor) -> Tensor:
-        """E = ||(x' - x'') / delta||_2 / sqrt(D), delta = max(atol, rtol max(|x'|, |x|)):
-        `[b]` float64."""
-        delta = torch.maximum(x_em.abs(), x_a.abs()).mul_(self.rtol).clamp_(min=self.atol)
-        norm = torch.linalg.vector_norm(diff / delta, dim=1)
-        return norm.to(torch.float64).mul_(diff.shape[1] ** -0.5)
+    def _controller(self) -> StepController:
+        """The shared controller (scoresde._control) with this sampler's rule:
+        h <- min(h_max, safety h E^(-r)) on every step, E with delta = max(atol, rtol |x|)."""
+        return StepController(
+            rtol=self.rtol, atol=self.atol, order=1.0, alpha=self.exponent,
+            alpha_reject=self.exponent, safety=self.safety, min_factor=0.0,
+            max_factor=math.inf, no_growth_after_reject=False, h_max=self.h_max,
+            max_steps=self.max_iters, scale="max", on_nonfinite="raise",
+            name="AdaptiveSDESampler", limit_name="max_iters",
+        )  # fmt: skip
+
+    @staticmethod
+    def _rms64(ratio: Tensor) -> Tensor:
+        """||ratio||_2 / sqrt(D) `[b]` in float64."""
+        norm = torch.linalg.vector_norm(ratio, dim=1)
+        return norm.to(torch.float64).mul_(ratio.shape[1] ** -0.5)
+
+    def _pair(
+        self, ctx: SamplingContext, x_a: Tensor, q: Tensor, step: Tensor, f_a: Tensor,
+        g_a: Tensor, f_q: Tensor, g_q: Tensor, dw: Tensor, score_a: Tensor, shape: Any,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """The solver step: Euler-Maruyama x' and the difference x' - x'' to the stochastic
+        improved Euler value (one NFE, at (x', q))."""
+        hh = step.to(x_a.dtype)[:, None]
+        # b(x, t) = f x - g^2 s: the reverse drift, integrated backwards in time.
+        b_a = torch.addcmul(f_a * x_a, g_a * g_a, score_a, value=-1.0)
+        x_em = torch.addcmul(torch.addcmul(x_a, hh, b_a, value=-1.0), g_a, dw)
+        s_q = self._score(ctx, x_em, q, shape)
+        b_q = torch.addcmul(f_q * x_em, g_q * g_q, s_q, value=-1.0)
+        # x' - x'' = h/2 (b(x', t - h) - b(x, t)) + (g(t) - g(t - h))/2 dW.
+        diff = torch.addcmul(hh * (b_q - b_a), g_a - g_q, dw).mul_(0.5)
+        return x_em, diff
 
     @staticmethod
     def _after_step(

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from scoresde._validation import (
+    NonFiniteError,
     broadcast_time,
     check_bool,
     check_data,
@@ -35,10 +36,6 @@ from scoresde.sdes import SDE
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, float, Tensor], "Tensor | None"]
-
-
-class NonFiniteError(FloatingPointError):
-    """A trajectory produced NaN or Inf; the message names the step and time."""
 
 
 class CountedScore:

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from scoresde._validation import check_bool, check_positive
-from scoresde.samplers._schedule import (
+from scoresde.samplers.base import Sampler, SamplingContext
+from scoresde.samplers.toolkit import (
     Coefficients,
     cached,
     check_grid,
@@ -33,7 +34,6 @@ from scoresde.samplers._schedule import (
     grid_key,
     make_grid,
 )
-from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor

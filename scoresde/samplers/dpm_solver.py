@@ -48,7 +48,8 @@ from scoresde.samplers._multistep import (
     run_plan,
     step_orders,
 )
-from scoresde.samplers._schedule import (
+from scoresde.samplers.base import Sampler, SamplingContext
+from scoresde.samplers.toolkit import (
     Coefficients,
     cached,
     check_grid,
@@ -56,7 +57,6 @@ from scoresde.samplers._schedule import (
     grid_key,
     make_grid,
 )
-from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor

@@ -31,8 +31,17 @@ from typing import Any
 
 import torch
 
-from scoresde._validation import check_bool, check_data, check_positive, expand_like
-from scoresde.samplers._schedule import check_grid, make_grid
+from scoresde._validation import check_bool, check_data, check_positive, check_positive_int
+from scoresde.flow import (
+    ADAPTIVE_METHODS,
+    DEFAULT_MAX_STEPS,
+    METHODS,
+    PER_SAMPLE_METHODS,
+    TORCHDIFFEQ_METHODS,
+    ProbabilityFlow,
+    pf_coefficients,
+    solve,
+)
 from scoresde.samplers.base import (
     CountedScore,
     GeneratorNoise,
@@ -40,16 +49,17 @@ from scoresde.samplers.base import (
     Sampler,
     SamplingContext,
 )
+from scoresde.samplers.toolkit import check_grid, make_grid
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
 
 __all__ = ["ODESampler", "FIXED_METHODS", "ADAPTIVE_METHODS"]
+__all__ += ["TORCHDIFFEQ_METHODS", "PER_SAMPLE_METHODS"]
 
-FIXED_METHODS = ("euler", "midpoint", "heun", "rk4")
-TORCHDIFFEQ_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-PER_SAMPLE_METHODS = ("dopri5_per_sample",)
-ADAPTIVE_METHODS = TORCHDIFFEQ_METHODS + PER_SAMPLE_METHODS
+# Views of the one table of methods (scoresde.flow.METHODS): the fixed-step methods this
+# module implements itself, and the adaptive ones it hands to scoresde.flow.solve.
+FIXED_METHODS = tuple(name for name, m in METHODS.items() if m.native)
 
 
 def per_sample_max_rms(v: Tensor) -> Tensor:
@@ -69,10 +79,9 @@ class _FixedSteps:
         tm = 0.5 * (t0 + t1)
         self.t0, self.tm, self.t1 = t0.tolist(), tm.tolist(), t1.tolist()
         self.h = (t1 - t0).tolist()
-        self.f0, self.fm, self.f1 = (sde.drift_coef(t).tolist() for t in (t0, tm, t1))
-        self.c0, self.cm, self.c1 = (
-            (0.5 * sde.diffusion_coef(t) ** 2).tolist() for t in (t0, tm, t1)
-        )
+        (f0, c0), (fm, cm), (f1, c1) = (pf_coefficients(sde, t) for t in (t0, tm, t1))
+        self.f0, self.fm, self.f1 = f0.tolist(), fm.tolist(), f1.tolist()
+        self.c0, self.cm, self.c1 = c0.tolist(), cm.tolist(), c1.tolist()
 
 
 def _drift(ctx: SamplingContext, x: Tensor, t: float, f: float, c: float) -> Tensor:
@@ -130,8 +139,11 @@ class ODESampler(Sampler):
             (one more NFE). `encode` never applies it, so round trips need denoise=False.
         time_grid: the fixed-step grid: "uniform", "quadratic", "karras", "logsnr" or a
             decreasing tensor from T to eps (see `scoresde.samplers.time_grid`).
+        max_steps: the most steps of an adaptive method (RuntimeError beyond).
 
-    With an adaptive method the callback (and the NaN check) run once, after the solve.
+    With an adaptive method the callback (and the NaN check) run once, after the solve; the
+    score is only evaluated on [eps, T], and NaN/Inf from it raises `NonFiniteError` with
+    the time.
     """
 
     def __init__(
@@ -144,6 +156,7 @@ class ODESampler(Sampler):
         eps: float = 1e-3,
         denoise: bool = False,
         time_grid: Any = "uniform",
+        max_steps: int = DEFAULT_MAX_STEPS,
     ) -> None:
         super().__init__(sde)
         if method not in FIXED_METHODS + ADAPTIVE_METHODS:
@@ -155,6 +168,7 @@ class ODESampler(Sampler):
         self.rtol = check_positive("rtol", rtol)
         self.atol = check_positive("atol", atol)
         self.denoise = check_bool("denoise", denoise)
+        self.max_steps = check_positive_int("max_steps", max_steps)
 
     # --- public --------------------------------------------------------------------------
     def encode(self, score_fn: Any, x: Tensor, *, progress: bool = False) -> Tensor:
@@ -195,32 +209,11 @@ class ODESampler(Sampler):
         return x
 
     def _solve_adaptive(self, ctx: SamplingContext, x: Tensor, forward: bool) -> Tensor:
-        from torchdiffeq import odeint
-
-        sde = self.sde
-        ends = [self.eps, sde.T] if forward else [sde.T, self.eps]
-        t = torch.tensor(ends, dtype=x.dtype, device=x.device)
-
-        def drift(t: Tensor, y: Tensor) -> Tensor:
-            """f(t) y - g(t)^2 s(y, t) / 2 for a scalar t or per-sample t `[Ba]`."""
-            f = expand_like(sde.drift_coef(t), y)
-            c = expand_like(0.5 * sde.diffusion_coef(t) ** 2, y)
-            return f * y - c * ctx.score(y, t)
-
-        if self.method in PER_SAMPLE_METHODS:
-            from scoresde._ode import solve_per_sample
-
-            out, _ = solve_per_sample(drift, x, ends[0], ends[1], rtol=self.rtol, atol=self.atol)
-            return ctx.after_step(0, ends[1], out)
-        out = odeint(
-            drift,
-            x,
-            t,
-            rtol=self.rtol,
-            atol=self.atol,
-            method=self.method,
-            # step_t: land on the end time; dopri5 & co. otherwise step past it and
-            # interpolate, evaluating the score beyond eps (negative t, where sigma is NaN).
-            options={"norm": per_sample_max_rms, "step_t": t[1:]},
-        )[-1]
+        ends = (self.eps, self.sde.T) if forward else (self.sde.T, self.eps)
+        # The score is only ever evaluated on [eps, T] (see scoresde.flow).
+        flow = ProbabilityFlow(self.sde, ctx.score, t_range=(self.eps, self.sde.T))
+        out = solve(
+            flow, x, ends[0], ends[1], self.method, rtol=self.rtol, atol=self.atol,
+            norm=per_sample_max_rms, max_steps=self.max_steps,
+        )  # fmt: skip
         return ctx.after_step(0, ends[1], out)

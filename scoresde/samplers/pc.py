@@ -48,9 +48,9 @@ from typing import Any
 import torch
 
 from scoresde._validation import check_bool, check_eps, check_positive, check_positive_int
-from scoresde.samplers._schedule import cached, check_grid, grid_key, make_grid
 from scoresde.samplers.base import Sampler, SamplingContext
-from scoresde.sdes import SDE, VESDE, VPSDE, CosineVPSDE, SubVPSDE
+from scoresde.samplers.toolkit import cached, check_grid, grid_key, make_grid
+from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
 
@@ -88,13 +88,9 @@ def with_num_steps(sde: SDE, n: int) -> SDE:
     """
     if n == sde.N:
         return sde
+    if sde.name is not None:  # a built-in SDE
+        return sde.with_N(n)
     kind = type(sde)
-    if kind in (VPSDE, SubVPSDE):
-        return kind(beta_min=sde.beta_0, beta_max=sde.beta_1, N=n)
-    if kind is VESDE:
-        return VESDE(sigma_min=sde.sigma_min, sigma_max=sde.sigma_max, N=n)
-    if kind is CosineVPSDE:
-        return CosineVPSDE(N=n, s=sde.s, t_max=sde.t_max)
     if kind.discretize is SDE.discretize and not hasattr(sde, "discrete_betas"):
         out = copy.copy(sde)
         out.N = n
@@ -188,9 +184,9 @@ class Corrector(abc.ABC):
 
 
 def _linear_coefs(pc: PCContext) -> tuple[list[float], list[float]]:
-    """f(t_i) and g(t_i)^2 on the grid (every SDE here has drift f(t) x)."""
-    t = pc.times_tensor
-    return pc.sde.drift_coef(t).tolist(), (pc.sde.diffusion_coef(t) ** 2).tolist()
+    """f(t_i), g(t_i)^2 on the grid: reverse drift f x - g^2 s (`SDE.reverse_coefficients`)."""
+    f, g2 = pc.sde.reverse_coefficients(pc.times_tensor)
+    return f.tolist(), g2.tolist()
 
 
 class _LinearStepPredictor(Predictor):
@@ -259,7 +255,7 @@ class AncestralSamplingPredictor(_LinearStepPredictor):
         if pc.probability_flow:
             raise ValueError("the 'ancestral' predictor has no probability-flow version")
         sde, t = pc.sde, pc.times_tensor
-        if hasattr(sde, "discrete_betas") and not isinstance(sde, SubVPSDE):
+        if sde.has_ddpm_chain:
             beta = sde.discrete_betas[_discrete_index(sde, t)]
             a, b2, std = torch.sqrt(1 - beta), beta, torch.sqrt(beta)
         elif hasattr(sde, "discrete_sigmas"):
@@ -456,7 +452,7 @@ class PCSampler(Sampler):
             return
         tables = (ReverseDiffusionPredictor, AncestralSamplingPredictor)
         uses = isinstance(self.corrector, (LangevinCorrector, AnnealedLangevinCorrector)) or (
-            isinstance(self.predictor, tables) and not isinstance(self._chain, SubVPSDE)
+            isinstance(self.predictor, tables) and self._chain.has_ddpm_chain
         )
         if uses:
             raise ValueError(
@@ -528,8 +524,7 @@ class EulerMaruyamaSampler(Sampler):
         grid = make_grid(self.sde, self.num_steps, self.time_grid, self.eps)
         t_now = grid[:-1]
         h = grid[:-1] - grid[1:]
-        f = self.sde.drift_coef(t_now)
-        g2 = self.sde.diffusion_coef(t_now) ** 2
+        f, g2 = self.sde.reverse_coefficients(t_now)  # reverse drift f x - g^2 s
         x_coef = (1 - h * f).tolist()
         s_coef = (h * g2).tolist()
         noise = torch.sqrt(h * g2).tolist()

@@ -50,6 +50,7 @@ from scoresde._validation import (
     check_positive_int,
     check_shape,
 )
+from scoresde.flow import ProbabilityFlow, solve
 from scoresde.samplers.base import NonFiniteError, Sampler
 from scoresde.samplers.grids import GRIDS, time_grid
 from scoresde.sdes import SDE
@@ -84,27 +85,15 @@ def pf_ode_reference(
     dx/dt = f(t) x - g(t)^2 s(x, t) / 2, solved from T down to eps in x_T's dtype (pass float64
     for a reference) with rtol and atol (default atol = rtol). Returns `[B, *D]`.
     """
-    from torchdiffeq import odeint
-
     check_data("x_T", x_T)
     eps = check_eps(eps, sde)
     rtol = check_positive("rtol", rtol)
     atol = rtol if atol is None else check_positive("atol", atol)
-    shape = (-1,) + (1,) * (x_T.ndim - 1)
-
-    def field(t: Tensor, x: Tensor) -> Tensor:
-        tb = t.to(x.dtype).expand(x.shape[0])
-        f = sde.drift_coef(tb).reshape(shape)
-        g2 = sde.diffusion_coef(tb).pow(2).reshape(shape)
-        return f * x - 0.5 * g2 * score_fn(x, tb)
-
-    ts = torch.tensor([sde.T, eps], dtype=x_T.dtype, device=x_T.device)
-    # step_t: never step past eps and interpolate back (dopri5's default), since a score
-    # (or sigma(t)) is not defined below t = 0 and NaNs there make every step fail.
+    # scoresde.flow: the score is only evaluated on [eps, T] (a score or sigma(t) is not
+    # defined below t = 0, and torchdiffeq's own first-step probe may go there).
+    flow = ProbabilityFlow(sde, score_fn, t_range=(eps, sde.T))
     with torch.no_grad():
-        return odeint(
-            field, x_T, ts, rtol=rtol, atol=atol, method="dopri5", options={"step_t": ts}
-        )[-1]
+        return solve(flow, x_T, sde.T, eps, "dopri5", rtol=rtol, atol=atol)
 
 
 def pathwise_error(sampler: Sampler, score_fn: ScoreFn, x_T: Tensor, x_ref: Tensor) -> float:
@@ -166,6 +155,36 @@ def _initial_grid(sde: SDE, num_steps: int, init: Any, eps: float) -> Tensor:
     return grid.clone()
 
 
+def _check_tuning_args(
+    sampler_factory: Any,
+    score_fn: Any,
+    sde: Any,
+    num_steps: Any,
+    eps: Any,
+    max_params: Any,
+    max_evals: Any,
+    dtype: Any,
+    generator: Any,
+) -> tuple[int, float, int]:
+    """Validate `optimize_time_grid`'s arguments; (num_steps, eps, max_params)."""
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be a scoresde SDE, got {type(sde).__name__}")
+    if not callable(sampler_factory):
+        raise TypeError(f"sampler_factory must be callable, got {type(sampler_factory).__name__}")
+    if not callable(score_fn):
+        raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
+    num_steps = check_positive_int("num_steps", num_steps, minimum=2)
+    eps = check_eps(eps, sde)
+    max_params = check_positive_int("max_params", max_params, minimum=2)
+    if max_evals is not None:
+        check_positive_int("max_evals", max_evals)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return num_steps, eps, max_params
+
+
 def optimize_time_grid(
     sampler_factory: SamplerFactory,
     score_fn: ScoreFn,
@@ -224,21 +243,9 @@ def optimize_time_grid(
     """
     from scipy.optimize import minimize
 
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be a scoresde SDE, got {type(sde).__name__}")
-    if not callable(sampler_factory):
-        raise TypeError(f"sampler_factory must be callable, got {type(sampler_factory).__name__}")
-    if not callable(score_fn):
-        raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
-    num_steps = check_positive_int("num_steps", num_steps, minimum=2)
-    eps = check_eps(eps, sde)
-    max_params = check_positive_int("max_params", max_params, minimum=2)
-    if max_evals is not None:
-        max_evals = check_positive_int("max_evals", max_evals)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    num_steps, eps, max_params = _check_tuning_args(
+        sampler_factory, score_fn, sde, num_steps, eps, max_params, max_evals, dtype, generator
+    )
     grid_map = _GridMap(sde, _initial_grid(sde, num_steps, init, eps), max_params)
 
     pilots = _pilots(sde, x_T, data_shape, num_pilot, generator, device, dtype)

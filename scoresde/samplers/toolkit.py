@@ -1,5 +1,22 @@
-"""Shared pieces of the fast samplers (private): argument checks, per-grid coefficients and
-the data prediction.
+"""The solver toolkit: what scoresde's samplers are built from, for writing your own.
+
+A sampler is a `Sampler` subclass with one method, `_sample(ctx, x)`, that integrates x from
+t = T (a prior draw or the user's x_init, `[B, *D]`) to the data end and returns the samples;
+the base class does validation, the prior draw, noise, NFE counting, progress bars, the
+user's callback and NaN/Inf detection. Inside `_sample`:
+
+- `ctx.score(x, t)`: the score (t a float or `[B]`; one call = one NFE, shape checked);
+- `ctx.randn_like(x)`: noise from the user's generator (or per-sample streams);
+- `ctx.steps(n)`: range(n) with a progress bar;
+- `ctx.after_step(i, t, x)`: the NaN/Inf check (`NonFiniteError` with step and time) and
+  the user's callback (which may return a replacement x); call it after every step.
+
+The pieces below turn a step count and a grid kind into times and per-step coefficients:
+`check_grid` (validate num_steps, time_grid, eps in `__init__`), `make_grid` (the decreasing
+float64 grid T -> eps), `Coefficients` (alpha, sigma, lambda = log(alpha / sigma), t on the
+grid as Python floats), `data_prediction` / `noise_prediction` (Tweedie's x0_hat and
+eps_hat from the score) and `pf_coefficients` (f and g^2 / 2 of the probability-flow ODE).
+See "Writing your own solver" in docs/solvers.md for a complete example.
 
 Every SDE here has the Gaussian kernel x_t = alpha_t x0 + sigma_t eps, so a score s(x, t)
 gives the data and noise predictions (Tweedie)
@@ -18,16 +35,34 @@ from typing import Any
 
 import torch
 
-from scoresde._validation import check_eps, check_positive_int
-from scoresde.samplers.base import SamplingContext
+from scoresde._validation import NonFiniteError, check_eps, check_positive_int
+from scoresde.flow import pf_coefficients
+from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.samplers.grids import GRIDS, time_grid
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
 
+__all__ = [
+    "Sampler",
+    "SamplingContext",
+    "NonFiniteError",
+    "GRIDS",
+    "time_grid",
+    "check_grid",
+    "make_grid",
+    "Coefficients",
+    "data_prediction",
+    "noise_prediction",
+    "pf_coefficients",
+    "grid_key",
+    "cached",
+]
+
 
 def check_grid(sde: SDE, num_steps: Any, kind: Any, eps: Any) -> tuple[int, Any, float]:
-    """Validate (num_steps, time_grid, eps) once in a sampler's __init__."""
+    """Validate (num_steps, time_grid, eps) once in a sampler's __init__; returns them
+    (num_steps is the length of a user grid tensor minus one)."""
     num_steps = check_positive_int("num_steps", num_steps)
     eps = check_eps(eps, sde)
     if isinstance(kind, str) and kind not in GRIDS:
@@ -64,6 +99,11 @@ def data_prediction(
     """x0_hat = (x + sigma^2 s(x, t)) / alpha  `[B, *D]` (one NFE)."""
     score = ctx.score(x, t)
     return torch.add(x, score, alpha=sigma * sigma).mul_(1.0 / alpha)
+
+
+def noise_prediction(ctx: SamplingContext, x: Tensor, t: float, sigma: float) -> Tensor:
+    """eps_hat = -sigma s(x, t)  `[B, *D]` (one NFE)."""
+    return ctx.score(x, t).mul_(-sigma)
 
 
 def grid_key(kind: Any) -> Any:
