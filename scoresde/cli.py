@@ -548,8 +548,7 @@ def _load_checkpoint(path: str, device: Any, *, ema: bool = True) -> tuple[Any, 
     from scoresde.data import DataScaler
     from scoresde.training import (
         CheckpointError,
-        build_model,
-        build_sde,
+        _model_from_spec,
         check_spec_fits,
         read_checkpoint,
     )
@@ -567,20 +566,11 @@ def _load_checkpoint(path: str, device: Any, *, ema: bool = True) -> tuple[Any, 
     if not (isinstance(sde_spec, dict) and sde_spec.get("custom")):  # (refused below)
         check_spec_fits(spec, state, "EMA model" if ema else "model")  # before allocating
     try:
-        sde_cfg = dict(spec["sde"])
-        if sde_cfg.pop("custom", False):
-            raise CheckpointError(f"{path!r} uses a custom SDE the command line cannot rebuild")
-        sde = build_sde(sde_cfg.pop("name"), **sde_cfg)
-        model = build_model(
-            sde,
-            spec["net"],
-            spec["data_shape"],
-            spec["parameterization"],
-            num_classes=spec.get("num_classes"),
-            net_kwargs=spec.get("net_kwargs"),
-        )
+        # The recorded recipe, including scale_input and preconditioning (a checkpoint made
+        # before preconditioning existed keeps its raw meaning).
+        model = _model_from_spec(spec)
         model.load_state_dict(state)
-    except (KeyError, RuntimeError, TypeError) as err:
+    except (KeyError, RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path!r}: the model cannot be rebuilt ({err})") from err
     scaler = cfg.get("data_scaler")
     scaler = None if scaler is None else DataScaler.from_state_dict(scaler)

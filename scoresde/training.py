@@ -164,6 +164,8 @@ def build_model(
     net_kwargs: dict[str, Any] | None = None,
     seed: int | None = 0,
     scale_input: bool = True,
+    preconditioning: str = "gaussian",
+    sigma_data: float = 1.0,
 ) -> ScoreModel:
     """A `ScoreModel` from names, e.g. `build_model("vp", "unet", (1, 8, 8))`.
 
@@ -179,7 +181,8 @@ def build_model(
         num_classes: labels for a conditional network (label num_classes = null class).
         seed: seeds the weight initialisation without touching the global RNG (None: use
             the global RNG).
-        scale_input: passed to `ScoreModel`.
+        scale_input, preconditioning, sigma_data: passed to `ScoreModel`. A recorded spec
+            without "preconditioning" (checkpoints made before it existed) means "none".
 
     The returned model carries `model.spec`, the plain-dict recipe that rebuilds it, which
     the Trainer stores in checkpoints.
@@ -209,7 +212,14 @@ def build_model(
             if len(data_shape) != 3:  # (H, W may be 0 in a recorded spec: any size)
                 raise ValueError(f"net='unet' needs data_shape (C, H, W), got {data_shape!r}")
             network = UNet(in_channels=data_shape[0], num_classes=num_classes, **net_kwargs)
-    model = ScoreModel(network, sde_obj, parameterization, scale_input=scale_input)
+    model = ScoreModel(
+        network,
+        sde_obj,
+        parameterization,
+        scale_input=scale_input,
+        preconditioning=preconditioning,
+        sigma_data=sigma_data,
+    )
     model.spec = {  # type: ignore[attr-defined]
         "sde": sde_cfg,
         "net": net,
@@ -218,6 +228,8 @@ def build_model(
         "num_classes": num_classes,
         "net_kwargs": net_kwargs,
         "scale_input": bool(scale_input),
+        "preconditioning": model.preconditioning,
+        "sigma_data": model.sigma_data,
     }
     return model
 
@@ -257,6 +269,8 @@ def model_spec(model: nn.Module) -> dict[str, Any] | None:
         "num_classes": num_classes,
         "net_kwargs": kwargs,
         "scale_input": model.scale_input,
+        "preconditioning": model.preconditioning,
+        "sigma_data": model.sigma_data,
     }
 
 
@@ -281,6 +295,9 @@ def _model_from_spec(spec: dict[str, Any], *, meta: bool = False) -> ScoreModel:
             net_kwargs=spec.get("net_kwargs"),
             seed=None,
             scale_input=spec.get("scale_input", True),
+            # Specs written before preconditioning existed mean the raw network output.
+            preconditioning=spec.get("preconditioning", "none"),
+            sigma_data=spec.get("sigma_data", 1.0),
         )
 
 
@@ -438,6 +455,29 @@ def load_model(
     return LoadedModel(
         model.eval(), None if scaler is None else DataScaler.from_state_dict(scaler), cfg
     )
+
+
+def _check_same_semantics(model: nn.Module, spec: Any, path: str | os.PathLike) -> None:
+    """Raise CheckpointError if a ScoreModel would read the stored weights with another
+    meaning (parameterization, preconditioning, sigma_data) than they were trained with:
+    the state dicts alone cannot tell. A spec without "preconditioning" predates it: "none".
+    """
+    if not isinstance(model, ScoreModel) or not isinstance(spec, dict):
+        return
+    if "parameterization" not in spec:
+        return
+    stored = {
+        "parameterization": spec["parameterization"],
+        "preconditioning": spec.get("preconditioning", "none"),
+    }
+    if stored["preconditioning"] != "none":
+        stored["sigma_data"] = float(spec.get("sigma_data", 1.0))
+    mine = {k: v for k, v in model.options().items() if k in stored}
+    if mine != stored:
+        raise CheckpointError(
+            f"{str(path)!r} was trained with {stored}, but the model has {mine}; build the "
+            "model with the stored settings or use Trainer.from_checkpoint / load_model"
+        )
 
 
 def _check_state_compatible(what: str, module: nn.Module, state: dict[str, Tensor]) -> None:
@@ -711,9 +751,7 @@ class Trainer:
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         if isinstance(model, ScoreModel):
-            return ScoreModel(
-                DDP(model.net, device_ids=ids), model.sde, model.parameterization, model.scale_input
-            )
+            return ScoreModel(DDP(model.net, device_ids=ids), model.sde, **model.options())
         return DDP(model, device_ids=ids)
 
     def _lr_factor(self, n: int) -> float:
@@ -1081,6 +1119,7 @@ class Trainer:
         the trainer is left unchanged. Returns self.
         """
         ckpt = read_checkpoint(path, map_location=self.device)
+        _check_same_semantics(self.model, ckpt["config"].get("model"), path)
         _check_state_compatible("model", self.model, ckpt["model"])
         _check_state_compatible("EMA model", self.ema_model, ckpt["ema"])
         _check_optimizer_compatible(self.optimizer, ckpt["optimizer"])
