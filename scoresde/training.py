@@ -457,22 +457,34 @@ def load_model(
     )
 
 
+def _meaning(opts: dict[str, Any]) -> dict[str, Any]:
+    """What a ScoreModel's weights mean, canonically: Gaussian-preconditioned v-prediction
+    with sigma_data = 1 and input scaling is exactly raw v-prediction (c_skip = 0,
+    c_out = 1, c_in = 1/s), so the two read the same weights the same way."""
+    out = {
+        "parameterization": opts["parameterization"],
+        "preconditioning": opts.get("preconditioning", "none"),
+        "scale_input": bool(opts.get("scale_input", True)),
+    }
+    if out["preconditioning"] == "gaussian":
+        sd = float(opts.get("sigma_data", 1.0))
+        if out["parameterization"] == "v" and sd == 1.0 and out["scale_input"]:
+            out["preconditioning"] = "none"
+        else:
+            out["sigma_data"] = sd
+    return out
+
+
 def _check_same_semantics(model: nn.Module, spec: Any, path: str | os.PathLike) -> None:
     """Raise CheckpointError if a ScoreModel would read the stored weights with another
-    meaning (parameterization, preconditioning, sigma_data) than they were trained with:
-    the state dicts alone cannot tell. A spec without "preconditioning" predates it: "none".
-    """
+    meaning (parameterization, preconditioning, sigma_data, input scaling) than they were
+    trained with: the state dicts alone cannot tell. A spec without "preconditioning"
+    predates it and means "none"."""
     if not isinstance(model, ScoreModel) or not isinstance(spec, dict):
         return
     if "parameterization" not in spec:
         return
-    stored = {
-        "parameterization": spec["parameterization"],
-        "preconditioning": spec.get("preconditioning", "none"),
-    }
-    if stored["preconditioning"] != "none":
-        stored["sigma_data"] = float(spec.get("sigma_data", 1.0))
-    mine = {k: v for k, v in model.options().items() if k in stored}
+    stored, mine = _meaning(spec), _meaning(model.options())
     if mine != stored:
         raise CheckpointError(
             f"{str(path)!r} was trained with {stored}, but the model has {mine}; build the "
