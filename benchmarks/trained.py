@@ -1140,7 +1140,7 @@ def _md_params(r: dict, command: str) -> list[str]:
         "### Parameterization and ODE samplers",
         "",
         "Why every probability-flow ODE sampler threw ~1% far outliers (|x| up to 60-90, "
-        "more NFE no help) on eps-models, the parameterization this benchmark first used, "
+        "more NFE no help) on raw eps-models, the parameterization this benchmark first used, "
         f"while SDE samplers did not. {r['dataset']} models trained exactly as in the 2-D "
         "part (same data, seed, network and steps) with each parameterization, and the "
         "exact score, sampled from "
@@ -1209,7 +1209,9 @@ def _md_params(r: dict, command: str) -> list[str]:
             f"goes far (ODE NLL {_f(q_v['nll'])}, sliced W2 {_f(q_v['sw2'])}). x0-prediction "
             "also has no far samples but a worse sliced W2 under the ODE; score-prediction "
             "still has a few. One seed and one training budget; the 2-D part above therefore "
-            "trains v-models by default (`--param v`).",
+            "trains v-models by default (`--param v`). These are raw networks "
+            '(`preconditioning="none"`); ScoreModel\'s Gaussian preconditioning, the default '
+            "now, gives every parameterization what v had (next section).",
         ]
     return lines
 

@@ -157,7 +157,7 @@ def build_model(
     sde: str | SDE = "vp",
     net: str = "mlp",
     data_shape: Sequence[int] = (2,),
-    parameterization: str = "v",
+    parameterization: str = "eps",
     *,
     num_classes: int | None = None,
     sde_kwargs: dict[str, Any] | None = None,
@@ -174,10 +174,10 @@ def build_model(
         net: "mlp" (`MLPScoreNet(dim=prod(data_shape))`, for any data shape) or "unet"
             (`UNet(in_channels=C)`, data_shape (C, H, W)); extra kwargs in `net_kwargs`.
         data_shape: the shape D of one sample (without the batch dimension).
-        parameterization: "v" (default), "eps", "score" or "x0". v-prediction is the
-            default because probability-flow ODE samplers (ODE, DDIM, DPM-Solver++, EDM)
-            do not damp a network's errors in the prior's tail, and eps-prediction is worst
-            there: see "Parameterization and ODE samplers" in docs/benchmarks.md.
+        parameterization: "eps" (default, as `ScoreModel` and DDPM), "v", "score" or "x0".
+            With the default Gaussian preconditioning every one samples as well with the
+            probability-flow ODE solvers as with SDE solvers (before it, raw eps- and
+            score-networks did not: see docs/solvers.md).
         num_classes: labels for a conditional network (label num_classes = null class).
         seed: seeds the weight initialisation without touching the global RNG (None: use
             the global RNG).
