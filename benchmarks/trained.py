@@ -590,54 +590,58 @@ def precond_study(cfg: dict, workdir: Path, out: Path, seed: int = 0) -> dict:
         "models": {},
     }
     scatter: dict[str, Tensor] = {"data": ref[:3000]}
-    for pre in PRECONDITIONINGS:
-        for param in PARAMS:
-            key = f"{param}/{pre}"
-            model = build_model(
-                "vp",
-                "mlp",
-                (2,),
-                param,
-                net_kwargs=cfg["net_kwargs"],
-                seed=seed,
-                preconditioning=pre,
-            )
-            ck = workdir / f"precond_{param}_{pre}.pt"
-            if ck.exists():
-                model.load_state_dict(torch.load(ck, weights_only=True))
-                log = json.loads(ck.with_suffix(".json").read_text())
-            else:
-                log = _train_plain(model, data, cfg, seed)
-                ck.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(model.state_dict(), ck)
-                ck.with_suffix(".json").write_text(json.dumps(log))
-            model.eval().requires_grad_(False)
-            x0 = mix.sample(4000, generator=torch.Generator().manual_seed(seed + 2))
-            err = _tail_eps_error(model, exact, sde, x0, torch.Generator().manual_seed(seed + 4))
-            block: dict[str, Any] = {"train": log, "eps_error": err, "runs": {}}
-            for label, sampler in samplers.items():
-                x = sampler.sample(
-                    model, (n, 2), x_init=x_T, generator=torch.Generator().manual_seed(seed + 8)
-                ).double()
-                far = x.norm(dim=1) > STUDY_RADIUS
-                block["runs"][label] = {
-                    "nfe": sampler.nfe,
-                    "sw2": float(
-                        sliced_wasserstein(x, ref, generator=torch.Generator().manual_seed(5))
-                    ),
-                    "std": float(x.std()),
-                    "far_count": int(far.sum()),
-                    "far_from_tail_x_T": int((far & tail).sum()),
-                    "max_norm": float(x.norm(dim=1).max()),
-                }
-                if param == "eps" and label.startswith("ODE"):
-                    scatter[f"eps, {pre}: {label}"] = x[:3000]
-                print(f"[precond] {key} {label}: {block['runs'][label]}", flush=True)
-            em = next(iter(block["runs"].values()))["sw2"]
-            for q in block["runs"].values():
-                q["ratio_to_em"] = q["sw2"] / em
-            res["models"][key] = block
-    _plot_precond(res, scatter, out / "trained_precond.png")
+    # The issue's case and every preconditioned model first, then the other raw models;
+    # partial results are written after each model (a long run can be cut short).
+    order = [("none", "eps")] + [("gaussian", p) for p in PARAMS]
+    order += [("none", p) for p in PARAMS if p != "eps"]
+    for pre, param in order:
+        key = f"{param}/{pre}"
+        model = build_model(
+            "vp",
+            "mlp",
+            (2,),
+            param,
+            net_kwargs=cfg["net_kwargs"],
+            seed=seed,
+            preconditioning=pre,
+        )
+        ck = workdir / f"precond_{param}_{pre}.pt"
+        if ck.exists():
+            model.load_state_dict(torch.load(ck, weights_only=True))
+            log = json.loads(ck.with_suffix(".json").read_text())
+        else:
+            log = _train_plain(model, data, cfg, seed)
+            ck.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), ck)
+            ck.with_suffix(".json").write_text(json.dumps(log))
+        model.eval().requires_grad_(False)
+        x0 = mix.sample(4000, generator=torch.Generator().manual_seed(seed + 2))
+        err = _tail_eps_error(model, exact, sde, x0, torch.Generator().manual_seed(seed + 4))
+        block: dict[str, Any] = {"train": log, "eps_error": err, "runs": {}}
+        for label, sampler in samplers.items():
+            x = sampler.sample(
+                model, (n, 2), x_init=x_T, generator=torch.Generator().manual_seed(seed + 8)
+            ).double()
+            far = x.norm(dim=1) > STUDY_RADIUS
+            block["runs"][label] = {
+                "nfe": sampler.nfe,
+                "sw2": float(
+                    sliced_wasserstein(x, ref, generator=torch.Generator().manual_seed(5))
+                ),
+                "std": float(x.std()),
+                "far_count": int(far.sum()),
+                "far_from_tail_x_T": int((far & tail).sum()),
+                "max_norm": float(x.norm(dim=1).max()),
+            }
+            if param == "eps" and label.startswith("ODE"):
+                scatter[f"eps, {pre}: {label}"] = x[:3000]
+            print(f"[precond] {key} {label}: {block['runs'][label]}", flush=True)
+        em = next(iter(block["runs"].values()))["sw2"]
+        for q in block["runs"].values():
+            q["ratio_to_em"] = q["sw2"] / em
+        res["models"][key] = block
+        (out / "trained_precond.json").write_text(json.dumps(res, indent=1))
+        _plot_precond(res, scatter, out / "trained_precond.png")
     return res
 
 
@@ -676,14 +680,15 @@ def _plot_precond(res: dict, scatter: dict[str, Tensor], path: Path) -> None:
 
 def _md_precond(r: dict, command: str) -> list[str]:
     c = r["config"]
-    net = c["net_kwargs"] or "defaults: width 256, 4 blocks"
+    net = ", ".join(f"{k}={v}" for k, v in c["net_kwargs"].items()) or "defaults"
     ss = r["samplers"]
     lines = [
         "### Every parameterization under every sampler: ScoreModel's preconditioning",
         "",
         f"Issue 11's setup: {c['train_points']:,} points of 8 Gaussians on a circle of radius "
-        "2 (std 0.15, weights alternating 1 and 2), `ScoreModel(MLPScoreNet(dim=2, "
-        f"{net}), VPSDE(), parameterization, preconditioning)`, `DSMLoss(VPSDE())` defaults, "
+        "2 (std 0.15, weights alternating 1 and 2), `ScoreModel(MLPScoreNet(dim=2), "
+        "VPSDE(), parameterization, preconditioning)` (network "
+        f"{net}), `DSMLoss(VPSDE())` defaults, "
         f"Adam lr {c['lr']} with cosine decay over {c['steps']:,} steps, batch "
         f"{c['batch_size']}, seed {r['seed']}, no EMA, float32. {c['n_samples']:,} samples "
         "per run, every sampler from the SAME x_T. sliced W2 to fresh data (two true sets: "
@@ -700,7 +705,13 @@ def _md_precond(r: dict, command: str) -> list[str]:
         + " | ODE std | far (from tail) |",
         "|---|---|" + "---|" * len(ss) + "---|---|",
     ]
-    for key, b in r["models"].items():
+
+    def rank(key: str) -> tuple[int, int]:
+        param, pre = key.split("/")
+        return PARAMS.index(param), PRECONDITIONINGS.index(pre)
+
+    models = {k: r["models"][k] for k in sorted(r["models"], key=rank)}
+    for key, b in models.items():
         param, pre = key.split("/")
         cells = [f"{_f(b['runs'][s]['sw2'])} ({_f(b['runs'][s]['ratio_to_em'], 2)})" for s in ss]
         ode = b["runs"][ss[1]]
@@ -719,7 +730,7 @@ def _md_precond(r: dict, command: str) -> list[str]:
         "| model | DSM loss (last) | " + " | ".join(f"t = {t}" for t in ts) + " |",
         "|---" * (len(ts) + 2) + "|",
     ]
-    for key, b in r["models"].items():
+    for key, b in models.items():
         cells = [f"{_f(b['eps_error'][t]['bulk'])} / {_f(b['eps_error'][t]['tail'])}" for t in ts]
         lines.append(f"| {key} | {_f(b['train']['loss_last'])} | " + " | ".join(cells) + " |")
     worst = max(
