@@ -26,9 +26,10 @@ with c_skip_p x = E[p | x] and c_out_p = std(p | x) for that Gaussian:
 
 (s = sqrt(alpha^2 + sigma^2)). F = 0 gives the exact score -x / s_d^2 of N(0, sigma_data^2)
 data at every t; the part of eps that is the identity at high noise is exact for every x,
-and the network's error enters eps scaled by alpha sigma_data / s_d -> 0 as t -> T. The
-four parameterizations then regress the same unit-variance target (up to sign) and differ
-only in nothing but their units; "x0" is exactly EDM's c_skip / c_out / c_in.
+and the network's error enters eps scaled by alpha sigma_data / s_d -> 0 as t -> T. Under
+the eps-MSE loss (`DSMLoss` "sigma2") the four parameterizations then regress the same
+unit-variance target up to sign and differ only in the units of `network_output`; "x0" is
+exactly EDM's c_skip / c_out / c_in, and with sigma_data = 1 "v" is raw v-prediction.
 
 `preconditioning="none"` keeps the raw meaning (the network output *is* the
 parameterization's quantity, the input x / s if `scale_input`): what pretrained DDPM
@@ -178,12 +179,12 @@ class ScoreModel(nn.Module):
         alpha, sigma, s = self._coefficients(x, t)
         p = self.parameterization
         if self.preconditioning == "gaussian":
-            c_in, _, _ = self.preconditioner(x, t)
-            raw = self._raw(x, t, y, c_in)
             sd = self.sigma_data
             s_d2 = (alpha * sd) ** 2 + sigma**2
+            s_d = torch.sqrt(s_d2)
+            raw = self._raw(x, t, y, 1 / s_d if self.scale_input else torch.ones_like(s_d))
             sign = 1.0 if p in ("eps", "v") else -1.0
-            return sigma / s_d2 * x + (sign * sd) * alpha / torch.sqrt(s_d2) * raw
+            return sigma / s_d2 * x + (sign * sd) * alpha / s_d * raw
         out = self.network_output(x, t, y)
         if p == "eps":
             return out
