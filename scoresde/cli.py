@@ -31,7 +31,8 @@ __all__ = ["main", "build_parser"]
 PROG = "scoresde"
 SDE_NAMES = ("vp", "subvp", "ve", "cosine")
 NET_NAMES = ("auto", "mlp", "unet")
-PARAMETERIZATIONS = ("v", "eps", "x0", "score")
+PARAMETERIZATIONS = ("eps", "v", "x0", "score")
+PRECONDITIONINGS = ("gaussian", "none")  # scoresde.nets.score_model (not imported: fast --help)
 PRETRAINED_DIR = "model"  # `train` exports the EMA model here (ScoreModel.save_pretrained)
 
 
@@ -180,8 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--param",
         choices=PARAMETERIZATIONS,
-        default="v",
-        help="network output: v (default; robust for every sampler), eps (DDPM), x0, score",
+        default="eps",
+        help="network output: eps (default, DDPM's), v, x0, score (with the Gaussian "
+        "preconditioning every one works with every sampler)",
+    )
+    p.add_argument(
+        "--preconditioning",
+        choices=PRECONDITIONINGS,
+        default="gaussian",
+        help="gaussian (default): the network predicts a residual over the optimal denoiser "
+        "of N(0, sigma_data^2) data (EDM-style); none: the raw network output",
+    )
+    p.add_argument(
+        "--sigma-data",
+        type=_positive_float,
+        default=None,
+        help="data std the gaussian preconditioning assumes (default: the std of the scaled "
+        "training data)",
     )
     p.add_argument("--hidden", type=_positive_int, default=256, help="MLP width (default 256)")
     p.add_argument(
@@ -842,6 +858,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
         elif args.sigma_max is not None:
             raise ValueError(f"--sigma-max is only used with --sde ve, got --sde {args.sde}")
+        sigma_data = args.sigma_data
+        if sigma_data is None:  # the scaled data's std (1 for standardised data)
+            std = float(scaler.transform(x).float().std())
+            sigma_data = float(f"{std:.3g}") if math.isfinite(std) and std > 0 else 1.0
         model = build_model(
             args.sde,
             net,
@@ -850,6 +870,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             sde_kwargs=sde_kwargs,
             net_kwargs=_net_kwargs(args, net),
             seed=args.seed,
+            preconditioning=args.preconditioning,
+            sigma_data=sigma_data,
         )
         data_args = {
             "data": args.data,

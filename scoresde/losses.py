@@ -106,24 +106,12 @@ def noise_prediction(
     """eps_hat = -sigma(t) * score(x, t) `[B, *D]`, computed without dividing by sigma where
     the model allows it.
 
-    For a `ScoreModel` on the same SDE the network output is converted directly:
-    "eps": eps_hat = out; "score": -sigma out; "x0": (x - alpha out) / sigma;
-    "v": (sigma x + alpha s out) / s^2 with s = sqrt(alpha^2 + sigma^2). Any other callable
-    goes through its score.
+    For a `ScoreModel` on the same SDE this is `ScoreModel.noise_prediction` (the network
+    output converted directly, e.g. "eps" without preconditioning: eps_hat = out). Any
+    other callable goes through its score.
     """
     if isinstance(model, ScoreModel) and model.sde is sde:
-        out = model.network_output(x, t, y)
-        p = model.parameterization
-        if p == "eps":
-            return out
-        alpha = expand_like(sde.alpha(t), x)
-        sigma = expand_like(sde.sigma(t), x)
-        if p == "score":
-            return -sigma * out
-        if p == "x0":
-            return (x - alpha * out) / sigma
-        s2 = alpha**2 + sigma**2  # "v"
-        return (sigma * x + alpha * torch.sqrt(s2) * out) / s2
+        return model.noise_prediction(x, t, y)
     score = _call_score(model, x, t, y)
     if score.shape != x.shape:
         raise ValueError(
@@ -138,10 +126,36 @@ def _reduce(sq: Tensor, reduce_mean: bool) -> Tensor:
     return flat.mean(dim=1) if reduce_mean else flat.sum(dim=1)
 
 
+def check_finite_data(name: str, x: Tensor) -> None:
+    """Raise ValueError if x `[B, *D]` holds NaN or Inf, naming the first offending rows.
+
+    One isfinite reduction and one host read of its result; the rows are only located on
+    the failure path.
+    """
+    if bool(torch.isfinite(x).all()):
+        return
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    rows = bad.nonzero().flatten()
+    shown = ", ".join(str(int(r)) for r in rows[:5]) + (", ..." if rows.numel() > 5 else "")
+    raise ValueError(
+        f"{name} must be finite, but {int(rows.numel())} of its {x.shape[0]} rows hold NaN or "
+        f"Inf (rows {shown}); the loss would be NaN. Clean or drop them before training"
+    )
+
+
+def _check_finite_flag(value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"check_finite must be None, True or False, got {value!r}")
+    return value
+
+
 class _Loss:
     """Shared call protocol: loss(model, x0, generator=None, y=None) -> scalar."""
 
     label_dropout: float = 0.0
+    # None: refuse non-finite x0 when it is on the CPU (a cheap reduction); on an
+    # accelerator the check costs a host sync per call, so it runs only with True.
+    check_finite: bool | None = None
 
     def sample_noise(
         self,
@@ -177,6 +191,8 @@ class _Loss:
         if not callable(model):
             raise TypeError(f"model must be a callable score function, got {type(model).__name__}")
         check_data("x0", x0)
+        if self.check_finite or (self.check_finite is None and x0.device.type == "cpu"):
+            check_finite_data("x0", x0)
         if y is not None and (not torch.is_tensor(y) or y.shape[:1] != x0.shape[:1]):
             raise ValueError(
                 f"y must be a tensor of labels [B] = [{x0.shape[0]}], got "
@@ -207,6 +223,12 @@ class DSMLoss(_Loss):
 
     `label_dropout` p: for conditional training (labels y given), each label is replaced by
     the network's null class `num_classes` with probability p (classifier-free guidance).
+
+    `check_finite`: calling the loss on x0 holding NaN/Inf raises ValueError naming the rows
+    (instead of returning a NaN loss). None (default): checked when x0 is on the CPU (one
+    reduction); on an accelerator the check would cost a host sync per call, so it runs
+    there only with True (the `Trainer` validates its data when loading it and calls
+    `per_sample`, never this check). False: never.
     """
 
     def __init__(
@@ -217,6 +239,7 @@ class DSMLoss(_Loss):
         reduce_mean: bool = True,
         importance_sampling: bool = False,
         label_dropout: float = 0.0,
+        check_finite: bool | None = None,
     ) -> None:
         if not isinstance(sde, SDE):
             raise TypeError(f"sde must be a scoresde SDE, got {type(sde).__name__}")
@@ -233,6 +256,7 @@ class DSMLoss(_Loss):
                 f"got weighting={weighting!r}"
             )
         self.label_dropout = check_positive("label_dropout", label_dropout, allow_zero=True)
+        self.check_finite = _check_finite_flag(check_finite)
         if self.label_dropout >= 1:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout!r}")
         if self.importance_sampling:
@@ -325,10 +349,16 @@ class DDPMLoss(_Loss):
     DDPM's). Mean over data dims (`reduce_mean`) or sum, then mean over the batch.
 
     Accepts `VPSDE` and `CosineVPSDE` (their `alphas_cumprod` define the chain); sub-VP and
-    VE SDEs have no DDPM chain and raise TypeError.
+    VE SDEs have no DDPM chain and raise TypeError. `check_finite` as in `DSMLoss`.
     """
 
-    def __init__(self, sde: SDE, reduce_mean: bool = True, label_dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        sde: SDE,
+        reduce_mean: bool = True,
+        label_dropout: float = 0.0,
+        check_finite: bool | None = None,
+    ) -> None:
         if not isinstance(sde, SDE) or not sde.has_ddpm_chain:
             raise TypeError(
                 "sde must be a VPSDE or CosineVPSDE (DDPM's discrete chain is variance "
@@ -337,6 +367,7 @@ class DDPMLoss(_Loss):
         self.sde = sde
         self.reduce_mean = bool(reduce_mean)
         self.label_dropout = check_positive("label_dropout", label_dropout, allow_zero=True)
+        self.check_finite = _check_finite_flag(check_finite)
         if self.label_dropout >= 1:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout!r}")
         self.timesteps = ddpm_timesteps(sde)  # [N] float64, cast where used

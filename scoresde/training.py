@@ -151,13 +151,15 @@ def build_model(
     sde: str | SDE = "vp",
     net: str = "mlp",
     data_shape: Sequence[int] = (2,),
-    parameterization: str = "v",
+    parameterization: str = "eps",
     *,
     num_classes: int | None = None,
     sde_kwargs: dict[str, Any] | None = None,
     net_kwargs: dict[str, Any] | None = None,
     seed: int | None = 0,
     scale_input: bool = True,
+    preconditioning: str = "gaussian",
+    sigma_data: float = 1.0,
 ) -> ScoreModel:
     """A `ScoreModel` from names, e.g. `build_model("vp", "unet", (1, 8, 8))`.
 
@@ -166,14 +168,15 @@ def build_model(
         net: "mlp" (`MLPScoreNet(dim=prod(data_shape))`, for any data shape) or "unet"
             (`UNet(in_channels=C)`, data_shape (C, H, W)); extra kwargs in `net_kwargs`.
         data_shape: the shape D of one sample (without the batch dimension).
-        parameterization: "v" (default), "eps", "score" or "x0". v-prediction is the
-            default because probability-flow ODE samplers (ODE, DDIM, DPM-Solver++, EDM)
-            do not damp a network's errors in the prior's tail, and eps-prediction is worst
-            there: see "Parameterization and ODE samplers" in docs/benchmarks.md.
+        parameterization: "eps" (default, as `ScoreModel` and DDPM), "v", "score" or "x0".
+            With the default Gaussian preconditioning every one samples as well with the
+            probability-flow ODE solvers as with SDE solvers (before it, raw eps- and
+            score-networks did not: see docs/solvers.md).
         num_classes: labels for a conditional network (label num_classes = null class).
         seed: seeds the weight initialisation without touching the global RNG (None: use
             the global RNG).
-        scale_input: passed to `ScoreModel`.
+        scale_input, preconditioning, sigma_data: passed to `ScoreModel`. A recorded spec
+            without "preconditioning" (checkpoints made before it existed) means "none".
 
     The returned model carries `model.spec`, the plain-dict recipe that rebuilds it, which
     the Trainer stores in checkpoints.
@@ -203,7 +206,14 @@ def build_model(
             if len(data_shape) != 3:  # (H, W may be 0 in a recorded spec: any size)
                 raise ValueError(f"net='unet' needs data_shape (C, H, W), got {data_shape!r}")
             network = UNet(in_channels=data_shape[0], num_classes=num_classes, **net_kwargs)
-    model = ScoreModel(network, sde_obj, parameterization, scale_input=scale_input)
+    model = ScoreModel(
+        network,
+        sde_obj,
+        parameterization,
+        scale_input=scale_input,
+        preconditioning=preconditioning,
+        sigma_data=sigma_data,
+    )
     model.spec = {  # type: ignore[attr-defined]
         "sde": sde_cfg,
         "net": net,
@@ -265,6 +275,8 @@ def _model_from_spec(spec: dict[str, Any], *, meta: bool = False) -> ScoreModel:
     sde = build_sde(name, **sde_cfg)  # (outside the meta context: the SDE's own tables)
     # ScoreModel's own options (parameterization, scale_input, ...) go through as they are.
     options = {k: spec[k] for k in ScoreModel.option_names() if k in spec}
+    # Specs written before preconditioning existed mean the raw network output.
+    options.setdefault("preconditioning", "none")
     with torch.device("meta") if meta else contextlib.nullcontext():
         return build_model(
             sde,
@@ -431,6 +443,41 @@ def load_model(
     return LoadedModel(
         model.eval(), None if scaler is None else DataScaler.from_state_dict(scaler), cfg
     )
+
+
+def _meaning(opts: dict[str, Any]) -> dict[str, Any]:
+    """What a ScoreModel's weights mean, canonically: Gaussian-preconditioned v-prediction
+    with sigma_data = 1 and input scaling is exactly raw v-prediction (c_skip = 0,
+    c_out = 1, c_in = 1/s), so the two read the same weights the same way."""
+    out = {
+        "parameterization": opts["parameterization"],
+        "preconditioning": opts.get("preconditioning", "none"),
+        "scale_input": bool(opts.get("scale_input", True)),
+    }
+    if out["preconditioning"] == "gaussian":
+        sd = float(opts.get("sigma_data", 1.0))
+        if out["parameterization"] == "v" and sd == 1.0 and out["scale_input"]:
+            out["preconditioning"] = "none"
+        else:
+            out["sigma_data"] = sd
+    return out
+
+
+def _check_same_semantics(model: nn.Module, spec: Any, path: str | os.PathLike) -> None:
+    """Raise CheckpointError if a ScoreModel would read the stored weights with another
+    meaning (parameterization, preconditioning, sigma_data, input scaling) than they were
+    trained with: the state dicts alone cannot tell. A spec without "preconditioning"
+    predates it and means "none"."""
+    if not isinstance(model, ScoreModel) or not isinstance(spec, dict):
+        return
+    if "parameterization" not in spec:
+        return
+    stored, mine = _meaning(spec), _meaning(model.config())
+    if mine != stored:
+        raise CheckpointError(
+            f"{str(path)!r} was trained with {stored}, but the model has {mine}; build the "
+            "model with the stored settings or use Trainer.from_checkpoint / load_model"
+        )
 
 
 def _check_state_compatible(what: str, module: nn.Module, state: dict[str, Tensor]) -> None:
@@ -1140,6 +1187,7 @@ class Trainer:
         the trainer is left unchanged. Returns self.
         """
         ckpt = read_checkpoint(path, map_location=self.device)
+        _check_same_semantics(self.model, ckpt["config"].get("model"), path)
         _check_state_compatible("model", self.model, ckpt["model"])
         _check_state_compatible("EMA model", self.ema_model, ckpt["ema"])
         _check_optimizer_compatible(self.optimizer, ckpt["optimizer"])

@@ -236,6 +236,10 @@ def test_train_from_npy_file(tmp_path: Path) -> None:
     assert _run([*argv, "--device", "cpu"]) == 0
     cfg = read_checkpoint(run)["config"]
     assert cfg["model"]["data_shape"] == [3]
+    # eps with the Gaussian preconditioning by default; sigma_data = the scaled data's std
+    assert cfg["model"]["parameterization"] == "eps"
+    assert cfg["model"]["preconditioning"] == "gaussian"
+    assert cfg["model"]["sigma_data"] == pytest.approx(1.0, abs=1e-3)
     # standard scaling of data with mean ~10 and std ~5
     assert float(cfg["data_scaler"]["shift"]) == pytest.approx(float(data.mean()), rel=1e-4)
     out = tmp_path / "s.npz"
@@ -278,6 +282,7 @@ def test_digits_unet_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert _run(argv) == 0
     cfg = read_checkpoint(run)["config"]
     assert cfg["model"]["net"] == "unet" and cfg["model"]["data_shape"] == [1, 8, 8]
+    assert 0.3 < cfg["model"]["sigma_data"] < 1.0  # min-max scaled digits: mostly -1
     assert _is_png(run / "samples_step0000003.png")
     out = tmp_path / "digits.npz"
     argv = ["sample", str(run), "--sampler", "ddim", "--steps", "3", "--num", "6"]

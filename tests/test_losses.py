@@ -272,3 +272,22 @@ def test_label_dropout_replaces_labels_by_the_null_class() -> None:
         DSMLoss(sde, label_dropout=0.1)(
             lambda x, t, y: x, torch.randn(4, 2), y=torch.zeros(4).long()
         )
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_losses_refuse_non_finite_data_naming_the_rows(bad: float) -> None:
+    """Data with NaN/Inf used to give a NaN loss without a word."""
+    sde = VPSDE()
+    x0 = torch.randn(10, 3, 2, dtype=F64)
+    x0[7, 1, 0] = bad
+    x0[2, 0, 1] = bad
+    model = _random_model(sde, "eps", dim=6)
+    for loss in (DSMLoss(sde), DDPMLoss(sde), DSMLoss(sde, check_finite=True)):
+        with pytest.raises(ValueError, match=r"x0 must be finite.*2 of its 10 rows.*rows 2, 7"):
+            loss(model, x0, generator=torch.Generator().manual_seed(0))
+    # Finite data is untouched; check_finite=False skips the check (and gives the NaN).
+    good = DSMLoss(sde)(model, torch.nan_to_num(x0, posinf=0.0, neginf=0.0))
+    assert torch.isfinite(good)
+    assert torch.isnan(DSMLoss(sde, check_finite=False)(model, x0))
+    with pytest.raises(TypeError, match="check_finite"):
+        DSMLoss(sde, check_finite="yes")

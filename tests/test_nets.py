@@ -94,6 +94,7 @@ def test_parameterizations_recover_conditional_score(sde_name, shape):
 @pytest.mark.parametrize("sde_name", list(SDES))
 @pytest.mark.parametrize("scale_input", [True, False])
 def test_score_model_with_exact_net_gives_exact_score(param, sde_name, scale_input):
+    """preconditioning="none": the network output is the parameterization's quantity."""
     sde = SDES[sde_name]
     gm = random_mixture(12, 3, seed=2)
     score_fn = gm.score_fn(sde)
@@ -104,7 +105,9 @@ def test_score_model_with_exact_net_gives_exact_score(param, sde_name, scale_inp
         x = inp * torch.sqrt(alpha**2 + sigma**2) if scale_input else inp
         return exact_output(param, score_fn(x, t), x, alpha, sigma)
 
-    model = ScoreModel(FnNet(net_fn), sde, parameterization=param, scale_input=scale_input)
+    model = ScoreModel(
+        FnNet(net_fn), sde, parameterization=param, scale_input=scale_input, preconditioning="none"
+    )
     gen = torch.Generator().manual_seed(1)
     t = torch.linspace(0.02, 1.0, 10, dtype=F64)
     x0 = gm.sample(10, generator=gen, dtype=F64)
@@ -258,7 +261,7 @@ def test_exact_mixture_model_on_2d_benchmark():
     at t near 0 and at T (the ends where the parameterizations are most fragile)."""
     sde = VPSDE()
     gm = benchmark_mixture_2d()
-    model = ScoreModel(FnNet(gm.eps_fn(sde)), sde, parameterization="eps")
+    model = ScoreModel(FnNet(gm.eps_fn(sde)), sde, parameterization="eps", preconditioning="none")
     x = gm.sample(64, generator=torch.Generator().manual_seed(0), dtype=F64)
     for t in [1e-3, 1.0]:
         torch.testing.assert_close(model(x, t), gm.score_fn(sde)(x, t), rtol=1e-12, atol=1e-12)
@@ -270,3 +273,92 @@ def test_score_model_follows_x_device():
         model = ScoreModel(net, CosineVPSDE(), parameterization=param)
         out = model(torch.zeros(3, 3, 2, 2, device="meta"), torch.rand(3))
         assert out.device.type == "meta" and out.shape == (3, 3, 2, 2)
+
+
+def gaussian_precond(param, alpha, sigma, sd):
+    """(c_in, c_skip, c_out) of the "gaussian" preconditioning, from first principles: for
+    x0 ~ N(0, sd^2 I), x = alpha x0 + sigma eps has variance s_d^2 = alpha^2 sd^2 + sigma^2,
+    E[x0 | x] = alpha sd^2 x / s_d^2, std(x0 | x) = sd sigma / s_d; every parameterization
+    is an affine map of x0 given x, which carries mean and std over."""
+    s_d2 = alpha**2 * sd**2 + sigma**2
+    s_d = torch.sqrt(s_d2)
+    mean_x0, std_x0 = alpha * sd**2 / s_d2, sd * sigma / s_d
+    # p = a x + b x0 for each parameterization, as in exact_output:
+    s = torch.sqrt(alpha**2 + sigma**2)
+    a, b = {
+        "x0": (0.0, 1.0),
+        "eps": (1 / sigma, -alpha / sigma),
+        "score": (-1 / sigma**2, alpha / sigma**2),
+        "v": (alpha / (sigma * s), -(alpha**2 + sigma**2) / (sigma * s)),
+    }[param]
+    return 1 / s_d, a + b * mean_x0, abs(b) * std_x0
+
+
+@pytest.mark.parametrize("param", PARAMETERIZATIONS)
+@pytest.mark.parametrize("sde_name", list(SDES))
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0, 1.7])
+def test_gaussian_preconditioning(param, sde_name, sigma_data):
+    """out = c_skip x + c_out net(c_in x): the coefficients against the Gaussian closed form;
+    a zero network is the exact score of N(0, sigma_data^2 I) data at every t; a network
+    that outputs the normalised residual (out_exact - c_skip x) / c_out gives the exact
+    mixture score; the loss's noise prediction and the score agree."""
+    sde = SDES[sde_name]
+    t = torch.linspace(0.002, 1.0, 12, dtype=F64)
+    x = torch.randn(12, 3, 2, 2, generator=torch.Generator().manual_seed(3), dtype=F64) * 2
+    alpha, sigma = expand(sde.alpha(t), x), expand(sde.sigma(t), x)
+    want = gaussian_precond(param, alpha, sigma, sigma_data)
+    zero = ScoreModel(
+        FnNet(lambda inp, tt: torch.zeros_like(inp)), sde, param, sigma_data=sigma_data
+    )
+    assert zero.preconditioning == "gaussian"  # the default
+    for got, ref in zip(zero.preconditioner(x, t), want, strict=True):
+        # (the reference's a + b E[x0|x] cancels for "score" at small sigma: rtol 1e-7)
+        torch.testing.assert_close(got.expand_as(x), ref.expand_as(x), rtol=1e-7, atol=1e-12)
+    gauss_score = -x / (alpha**2 * sigma_data**2 + sigma**2)
+    torch.testing.assert_close(zero(x, t), gauss_score, rtol=1e-10, atol=1e-10)
+
+    gm = random_mixture(12, 3, seed=2)
+    score_fn = gm.score_fn(sde)
+
+    def net_fn(inp, tt):
+        a, s_ = expand(sde.alpha(tt), inp), expand(sde.sigma(tt), inp)
+        c_in, c_skip, c_out = gaussian_precond(param, a, s_, sigma_data)
+        xx = inp / c_in
+        return (exact_output(param, score_fn(xx, tt), xx, a, s_) - c_skip * xx) / c_out
+
+    model = ScoreModel(FnNet(net_fn), sde, param, sigma_data=sigma_data)
+    torch.testing.assert_close(model(x, t), score_fn(x, t), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(
+        model.network_output(x, t), exact_output(param, score_fn(x, t), x, alpha, sigma)
+    )
+    torch.testing.assert_close(
+        model.noise_prediction(x, t), -sigma * score_fn(x, t), rtol=1e-8, atol=1e-8
+    )
+
+
+def test_v_with_unit_sigma_data_is_already_preconditioned():
+    """For sigma_data = 1, "gaussian" v-prediction is exactly raw v-prediction with the input
+    scaled by 1/s (c_skip = 0, c_out = 1): why v-models never had the eps-models' problem."""
+    net = MLPScoreNet(2, hidden=16, num_blocks=1, embed_dim=8).double()
+    nn.init.normal_(net.out.weight, std=0.5)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=F64) * 3
+    t = torch.linspace(0.01, 1.0, 6, dtype=F64)
+    for sde in SDES.values():
+        a = ScoreModel(net, sde, "v")
+        b = ScoreModel(net, sde, "v", preconditioning="none")
+        torch.testing.assert_close(a(x, t), b(x, t), rtol=1e-12, atol=1e-12)
+
+
+def test_preconditioning_arguments():
+    with pytest.raises(ValueError, match="preconditioning"):
+        ScoreModel(FnNet(lambda x, t: x), VPSDE(), preconditioning="edm2")
+    with pytest.raises(ValueError, match="sigma_data"):
+        ScoreModel(FnNet(lambda x, t: x), VPSDE(), sigma_data=0.0)
+    m = ScoreModel(FnNet(lambda x, t: x), VPSDE(), "x0", preconditioning="none", sigma_data=0.5)
+    assert m.config() == {
+        "parameterization": "x0",
+        "scale_input": True,
+        "preconditioning": "none",
+        "sigma_data": 0.5,
+    }
+    assert "preconditioning='none'" in repr(m)

@@ -73,7 +73,12 @@ def test_unet_float64_round_trip_and_options(tmp_path: Path) -> None:
     model = model.double()
     _trained_weights(model)
     loaded = ScoreModel.from_pretrained(model.save_pretrained(tmp_path / "u"), device="cpu")
-    assert loaded.config() == {"parameterization": "x0", "scale_input": False}
+    assert loaded.config() == {
+        "parameterization": "x0",
+        "scale_input": False,
+        "preconditioning": "gaussian",
+        "sigma_data": 1.0,
+    }
     assert next(loaded.parameters()).dtype == torch.float64
     assert loaded.data_scaler is None
     out = _outputs(loaded, (2, 1, 8, 8), torch.float64)
@@ -81,10 +86,19 @@ def test_unet_float64_round_trip_and_options(tmp_path: Path) -> None:
 
 
 def test_config_lists_the_constructor_options() -> None:
-    assert ScoreModel.option_names() == ("parameterization", "scale_input")
-    model = ScoreModel(MLPScoreNet(2, hidden=8, num_blocks=1), VPSDE(), "v", scale_input=False)
+    names = ("parameterization", "scale_input", "preconditioning", "sigma_data")
+    assert ScoreModel.option_names() == names
+    model = ScoreModel(
+        MLPScoreNet(2, hidden=8, num_blocks=1), VPSDE(), "v", scale_input=False, sigma_data=0.5
+    )
     twin = ScoreModel(model.net, model.sde, **model.config())
-    assert twin.config() == model.config() == {"parameterization": "v", "scale_input": False}
+    assert twin.config() == model.config()
+    assert model.config() == {
+        "parameterization": "v",
+        "scale_input": False,
+        "preconditioning": "gaussian",
+        "sigma_data": 0.5,
+    }
 
 
 def test_config_is_checked_against_the_weights_before_building(tmp_path: Path, monkeypatch) -> None:

@@ -179,8 +179,11 @@ def test_x_init_and_dtype_device_follow_it() -> None:
     x_T = torch.randn(7, 2, generator=gen(1), dtype=torch.float64)
     keep = x_T.clone()
     sampler = ODESampler(SDE, "heun", num_steps=10)
-    out = sampler.sample(SCORE, (99, 5), x_init=x_T, dtype=torch.float32)  # x_init wins
+    out = sampler.sample(SCORE, (7, 2), x_init=x_T, dtype=torch.float32)  # x_init's dtype wins
     assert out.shape == (7, 2) and out.dtype == torch.float64 and out.device == x_T.device
+    # shape=None (or a placeholder that is no sample shape) takes x_init's shape.
+    assert torch.equal(sampler.sample(SCORE, None, x_init=x_T), out)
+    assert torch.equal(sampler.sample(SCORE, (0,), x_init=x_T), out)
     assert torch.equal(x_T, keep)  # not modified in place
     again = sampler.sample(SCORE, (7, 2), x_init=x_T)
     assert torch.equal(out, again)  # deterministic from x_init
@@ -193,6 +196,16 @@ def test_x_init_and_dtype_device_follow_it() -> None:
     assert torch.equal(a, b) and a.dtype == torch.float64
     with pytest.raises(ValueError, match="x_init"):
         em.sample(SCORE, (7, 2), x_init=torch.zeros(7))
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (3, 5), (3, 2, 1), [2, 2]])
+def test_x_init_with_a_disagreeing_shape_is_refused(shape) -> None:
+    """x_init (3, 2) with shape (4, 2) used to return 3 samples without a word."""
+    x_T = torch.randn(3, 2, generator=gen(2))
+    for sampler in (ODESampler(SDE, "euler", num_steps=4), EulerMaruyamaSampler(SDE, 4)):
+        with pytest.raises(ValueError, match=r"\(3, 2\)") as err:
+            sampler.sample(SCORE, shape, x_init=x_T, generator=gen())
+        assert str(tuple(shape)) in str(err.value) and "x_init" in str(err.value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

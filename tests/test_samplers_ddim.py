@@ -20,8 +20,8 @@ from _fast_samplers import (
 
 from scoresde import VPSDE
 from scoresde.samplers import DDIMSampler, DPMSolverSampler
-from scoresde.samplers._schedule import Coefficients
 from scoresde.samplers.ddim import ddim_coefficients
+from scoresde.samplers.toolkit import Coefficients
 from scoresde.toy import random_mixture
 
 

@@ -63,7 +63,7 @@ def test_ode_images_shape_and_float32() -> None:
     x_T = torch.randn(1000, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sampler = ODESampler(sde, "heun", num_steps=40)
     flat = sampler.sample(score, x_T.shape, x_init=x_T)
-    img = sampler.sample(score, (1, 1), x_init=x_T.float().reshape(1000, 1, 4, 4))
+    img = sampler.sample(score, None, x_init=x_T.float().reshape(1000, 1, 4, 4))
     assert img.shape == (1000, 1, 4, 4) and img.dtype == torch.float32
     torch.testing.assert_close(img.reshape(1000, 16).double(), flat, rtol=1e-3, atol=1e-3)
     data = gm.sample(20000, generator=torch.Generator().manual_seed(9), dtype=torch.float64)

@@ -121,3 +121,37 @@ def test_2d_part_and_report_end_to_end(trained, tmp_path: Path) -> None:
     nll = f"{lk['model_nll']:.3f}"  # eps / v side by side (here the same run twice)
     assert f"| mixture3 | held-out NLL (PF ODE) | | | {nll} / {nll} | |" in md
     assert (tmp_path / "trained.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_precond_part_end_to_end(trained, tmp_path: Path) -> None:
+    """`--part precond` on a micro configuration: every parameterization x preconditioning,
+    the three samplers from the same x_T, ratios to Euler-Maruyama, the report's table."""
+    cfg = {
+        "train_points": 200,
+        "net_kwargs": {"hidden": 16, "num_blocks": 1, "embed_dim": 8},
+        "steps": 4,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "n_samples": 64,
+        "em_steps": 6,
+        "heun_steps": 3,
+        "dpm_steps": 3,
+    }
+    res = trained.precond_study(cfg, tmp_path / "work", tmp_path)
+    assert set(res["models"]) == {f"{p}/{c}" for p in trained.PARAMS for c in ("none", "gaussian")}
+    for block in res["models"].values():
+        runs = list(block["runs"].values())
+        assert [r["nfe"] for r in runs] == [6, 6, 3]
+        assert runs[0]["ratio_to_em"] == 1.0
+        assert all(r["ratio_to_em"] == pytest.approx(r["sw2"] / runs[0]["sw2"]) for r in runs)
+    # With sigma_data = 1, preconditioned v is raw v: the same numbers up to round-off.
+    for label, q in res["models"]["v/none"]["runs"].items():
+        assert q["sw2"] == pytest.approx(
+            res["models"]["v/gaussian"]["runs"][label]["sw2"], rel=1e-4
+        )
+    assert json.loads((tmp_path / "trained_precond.json").read_text())["models"]
+    trained.report(tmp_path, ["python benchmarks/trained.py --part precond"])
+    md = (tmp_path / "trained.md").read_text()
+    assert "### Every parameterization under every sampler" in md
+    assert "| eps | gaussian |" in md and "| score | none |" in md
+    assert (tmp_path / "trained_precond.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -336,3 +336,30 @@ def test_from_checkpoint_rebuilds_models_built_by_hand(tmp_path: Path, kind: str
     t = torch.rand(16)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.ema_model(x, t, y), trainer.ema_model(x, t, y))
+
+
+def test_checkpoints_record_the_preconditioning_and_old_ones_stay_raw(tmp_path: Path) -> None:
+    """A spec written before preconditioning existed (no "preconditioning" key) rebuilds a
+    raw model (its weights' meaning); a model with another meaning refuses the weights."""
+    sde = VPSDE()
+    raw = build_model(
+        sde, "mlp", (2,), "eps", net_kwargs={"hidden": 8, "num_blocks": 1}, preconditioning="none"
+    )
+    trainer = Trainer(raw, DSMLoss(sde), batch_size=16, checkpoint_dir=tmp_path, progress=False)
+    trainer.fit(torch.randn(64, 2), 2)
+    path = tmp_path / "latest.pt"
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["config"]["model"]["preconditioning"] == "none"
+    for key in ("preconditioning", "sigma_data"):  # as written before the option existed
+        del ckpt["config"]["model"][key]
+    torch.save(ckpt, path)
+    loaded = load_model(path).model
+    assert loaded.preconditioning == "none" and loaded.parameterization == "eps"
+    x, t = torch.randn(5, 2), torch.rand(5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t), trainer.ema_model(x, t))
+    assert Trainer.from_checkpoint(tmp_path).model.preconditioning == "none"
+    new = build_model(sde, "mlp", (2,), "eps", net_kwargs={"hidden": 8, "num_blocks": 1})
+    assert new.preconditioning == "gaussian" and new.spec["preconditioning"] == "gaussian"
+    with pytest.raises(CheckpointError, match="preconditioning"):
+        Trainer(new, DSMLoss(sde), batch_size=16).load(path)

@@ -1,4 +1,40 @@
-"""`ScoreModel`: a network wrapped into a score function s(x, t) ~ grad_x log p_t(x)."""
+"""`ScoreModel`: a network wrapped into a score function s(x, t) ~ grad_x log p_t(x).
+
+Preconditioning (why the default is "gaussian")
+------------------------------------------------
+A raw network asked for eps = (x - alpha x0) / sigma must, at high noise, reproduce
+eps ~ sigma x / (alpha^2 + sigma^2): nearly the identity of x. It learns that only where
+training put x, i.e. for |x| up to ~3 under the prior; on the prior's tail it extrapolates,
+and its error there is not damped by the probability-flow ODE (N(0, I) flows onto itself)
+but amplified on the way to the data: an eps error e near t = T is an x0 error e / alpha(T)
+(~150 e for VP). Euler–Maruyama's drift contracts there and hides it.
+
+With `preconditioning="gaussian"` (EDM-style, Karras et al. 2022, written for every
+parameterization and every SDE) the network only predicts a normalised *residual* over the
+optimal denoiser of Gaussian data N(0, sigma_data^2 I):
+
+    out_p(x, t) = c_skip_p(t) x + c_out_p(t) F(c_in(t) x, t),   c_in = 1 / s_d,
+    s_d(t) = sqrt(alpha^2 sigma_data^2 + sigma^2)  (the std of x_t for such data),
+
+with c_skip_p x = E[p | x] and c_out_p = std(p | x) for that Gaussian:
+
+    p        c_skip_p                                c_out_p
+    "eps"    sigma / s_d^2                           alpha sigma_data / s_d
+    "x0"     alpha sigma_data^2 / s_d^2              sigma sigma_data / s_d
+    "v"      alpha sigma (1 - sigma_data^2) / (s s_d^2)   s sigma_data / s_d
+    "score"  -1 / s_d^2                              alpha sigma_data / (sigma s_d)
+
+(s = sqrt(alpha^2 + sigma^2)). F = 0 gives the exact score -x / s_d^2 of N(0, sigma_data^2)
+data at every t; the part of eps that is the identity at high noise is exact for every x,
+and the network's error enters eps scaled by alpha sigma_data / s_d -> 0 as t -> T. Under
+the eps-MSE loss (`DSMLoss` "sigma2") the four parameterizations then regress the same
+unit-variance target up to sign and differ only in the units of `network_output`; "x0" is
+exactly EDM's c_skip / c_out / c_in, and with sigma_data = 1 "v" is raw v-prediction.
+
+`preconditioning="none"` keeps the raw meaning (the network output *is* the
+parameterization's quantity, the input x / s if `scale_input`): what pretrained DDPM
+eps-networks and checkpoints made before this option expect.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +45,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from scoresde._validation import broadcast_time, check_choice, check_data, expand_like
+from scoresde._validation import (
+    broadcast_time,
+    check_choice,
+    check_data,
+    check_positive,
+    expand_like,
+)
 from scoresde.sdes import SDE
 
 Tensor = torch.Tensor
 
 PARAMETERIZATIONS = ("score", "eps", "x0", "v")
+PRECONDITIONINGS = ("gaussian", "none")
 
 
 class ScoreModel(nn.Module):
     """score(x `[B, *D]`, t `[B]`) from a network `net(x, t)` (or `net(x, t, y)`).
 
-    With x = alpha x0 + sigma eps (the SDE's kernel), the network output means:
+    With x = alpha x0 + sigma eps (the SDE's kernel), the model output in each
+    parameterization (`network_output`) means:
       - "score": the score itself;
       - "eps": the noise, score = -eps / sigma;
       - "x0": the clean data, score = (alpha x0 - x) / sigma^2;
@@ -28,8 +72,21 @@ class ScoreModel(nn.Module):
         v-prediction, normalised so it has unit scale for every SDE; s = 1 for VP), so
         eps = (sigma x + alpha s v) / s^2.
 
-    With `scale_input` (default) the network sees x / s, which has unit scale at every t
-    for unit-scale data (EDM's c_in); for VP, s = 1 and this is the identity.
+    Args:
+        net: the network `net(x, t)` or `net(x, t, y)`, output shaped like x.
+        sde: the SDE whose kernel (alpha, sigma) defines the parameterizations.
+        parameterization: "eps" (default, DDPM), "x0", "v" or "score".
+        scale_input: feed the network x / s_d(t) (EDM's c_in; see `preconditioning`) so
+            its input has unit scale at every t.
+        preconditioning: "gaussian" (default): the network predicts a normalised residual
+            over the optimal denoiser of N(0, sigma_data^2 I) data (see the module
+            docstring): a zero network is already the exact score of that Gaussian, and
+            every parameterization samples as well with ODE solvers as with SDE solvers.
+            "none": the network output is the parameterization's quantity itself, the input
+            is x / s (raw DDPM semantics; what old checkpoints and pretrained DDPM
+            eps-networks mean).
+        sigma_data: the data's standard deviation per entry that "gaussian" assumes (1 for
+            standardised data, ~0.5 for images in [-1, 1]); unused with "none".
     """
 
     def __init__(
@@ -38,6 +95,8 @@ class ScoreModel(nn.Module):
         sde: SDE,
         parameterization: str = "eps",
         scale_input: bool = True,
+        preconditioning: str = "gaussian",
+        sigma_data: float = 1.0,
     ) -> None:
         super().__init__()
         if not callable(net):
@@ -50,6 +109,8 @@ class ScoreModel(nn.Module):
             "parameterization", parameterization, PARAMETERIZATIONS
         )
         self.scale_input = bool(scale_input)
+        self.preconditioning = check_choice("preconditioning", preconditioning, PRECONDITIONINGS)
+        self.sigma_data = check_positive("sigma_data", sigma_data)
 
     # --- configuration and saving ---
     @classmethod
@@ -95,12 +156,33 @@ class ScoreModel(nn.Module):
         sigma = expand_like(self.sde.sigma(t), x)
         return alpha, sigma, torch.sqrt(alpha**2 + sigma**2)
 
-    def network_output(self, x: Tensor, t: Any, y: Tensor | None = None) -> Tensor:
-        """The raw network output (in the model's parameterization), shaped like x."""
-        check_data("x", x)
+    def preconditioner(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_in, c_skip, c_out), each broadcastable to x `[B, *D]`, with
+
+            network_output(x, t) = c_skip x + c_out net(c_in x, t).
+
+        "none": (1 / s or 1, 0, 1). "gaussian": the table in the module docstring.
+        """
         t = broadcast_time(t, x)
-        _, _, s = self._coefficients(x, t)
-        inp = x / s if self.scale_input else x
+        alpha, sigma, s = self._coefficients(x, t)
+        if self.preconditioning == "none":
+            c_in = 1 / s if self.scale_input else torch.ones_like(s)
+            return c_in, torch.zeros_like(s), torch.ones_like(s)
+        sd = self.sigma_data
+        s_d2 = (alpha * sd) ** 2 + sigma**2
+        s_d = torch.sqrt(s_d2)
+        c_in = 1 / s_d if self.scale_input else torch.ones_like(s_d)
+        p = self.parameterization
+        if p == "eps":
+            return c_in, sigma / s_d2, alpha * sd / s_d
+        if p == "x0":
+            return c_in, alpha * sd**2 / s_d2, sigma * sd / s_d
+        if p == "v":
+            return c_in, alpha * sigma * (1 - sd**2) / (s * s_d2), s * sd / s_d
+        return c_in, -1 / s_d2, alpha * sd / (sigma * s_d)  # "score"
+
+    def _raw(self, x: Tensor, t: Tensor, y: Tensor | None, c_in: Tensor) -> Tensor:
+        inp = c_in * x
         out = self.net(inp, t) if y is None else self.net(inp, t, y)
         if out.shape != x.shape:
             raise ValueError(
@@ -108,8 +190,44 @@ class ScoreModel(nn.Module):
             )
         return out
 
+    def network_output(self, x: Tensor, t: Any, y: Tensor | None = None) -> Tensor:
+        """The model's output in its parameterization (eps, x0, v or score), shaped like x:
+        the network output itself with preconditioning "none", c_skip x + c_out net(c_in x)
+        with "gaussian"."""
+        check_data("x", x)
+        t = broadcast_time(t, x)
+        c_in, c_skip, c_out = self.preconditioner(x, t)
+        raw = self._raw(x, t, y, c_in)
+        if self.preconditioning == "none":
+            return raw
+        return c_skip * x + c_out * raw
+
+    def noise_prediction(self, x: Tensor, t: Any, y: Tensor | None = None) -> Tensor:
+        """eps_hat = -sigma score `[B, *D]`, without dividing by a small sigma and multiplying
+        it back: with "gaussian" preconditioning eps_hat = sigma x / s_d^2 +- alpha
+        sigma_data / s_d net(...) directly (+ for "eps" and "v", - for "x0" and "score")."""
+        check_data("x", x)
+        t = broadcast_time(t, x)
+        alpha, sigma, s = self._coefficients(x, t)
+        p = self.parameterization
+        if self.preconditioning == "gaussian":
+            sd = self.sigma_data
+            s_d2 = (alpha * sd) ** 2 + sigma**2
+            s_d = torch.sqrt(s_d2)
+            raw = self._raw(x, t, y, 1 / s_d if self.scale_input else torch.ones_like(s_d))
+            sign = 1.0 if p in ("eps", "v") else -1.0
+            return sigma / s_d2 * x + (sign * sd) * alpha / s_d * raw
+        out = self.network_output(x, t, y)
+        if p == "eps":
+            return out
+        if p == "score":
+            return -sigma * out
+        if p == "x0":
+            return (x - alpha * out) / sigma
+        return (sigma * x + alpha * s * out) / s**2  # "v"
+
     def output_to_score(self, out: Tensor, x: Tensor, t: Any) -> Tensor:
-        """Convert a network output in this parameterization to a score."""
+        """Convert a model output in this parameterization (`network_output`) to a score."""
         t = broadcast_time(t, x)
         alpha, sigma, s = self._coefficients(x, t)
         p = self.parameterization
@@ -123,7 +241,7 @@ class ScoreModel(nn.Module):
         return -eps / sigma
 
     def score_to_output(self, score: Tensor, x: Tensor, t: Any) -> Tensor:
-        """The network output this parameterization would need to produce `score`."""
+        """The model output (`network_output`) this parameterization needs for `score`."""
         t = broadcast_time(t, x)
         alpha, sigma, s = self._coefficients(x, t)
         p = self.parameterization
@@ -140,4 +258,10 @@ class ScoreModel(nn.Module):
     def forward(self, x: Tensor, t: Any, y: Tensor | None = None) -> Tensor:
         """The score estimate, shaped like x."""
         t = broadcast_time(t, x)
+        if self.preconditioning == "gaussian" and self.parameterization != "score":
+            # -eps_hat / sigma: one division, no cancellation through x0 at small sigma.
+            return -self.noise_prediction(x, t, y) / expand_like(self.sde.sigma(t), x)
         return self.output_to_score(self.network_output(x, t, y), x, t)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items())

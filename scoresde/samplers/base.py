@@ -264,6 +264,23 @@ class SamplingContext:
         return x
 
 
+def _check_shape_matches(shape: Any, x_init: Tensor) -> None:
+    """A real sample shape given next to x_init must be x_init's: sampling x_init.shape[0]
+    samples when the caller asked for another number would be a silent surprise. None and
+    placeholders that are no sample shape (e.g. `(0,)`) defer to x_init."""
+    if shape is None:
+        return
+    try:
+        wanted = check_shape(shape)
+    except (TypeError, ValueError):
+        return
+    if wanted != tuple(x_init.shape):
+        raise ValueError(
+            f"shape {wanted} disagrees with x_init's shape {tuple(x_init.shape)}; pass "
+            "shape=x_init.shape (or shape=None) to start from x_init"
+        )
+
+
 class Sampler(abc.ABC):
     """Base class: validation, the prior draw, noise, NFE accounting and the run context.
 
@@ -284,7 +301,7 @@ class Sampler(abc.ABC):
     def sample(
         self,
         score_fn: ScoreFn,
-        shape: tuple[int, ...],
+        shape: tuple[int, ...] | None,
         *,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
@@ -299,6 +316,8 @@ class Sampler(abc.ABC):
 
         Args:
             score_fn: s(x `[B, *D]`, t `[B]`) -> `[B, *D]`, an estimate of grad log p_t.
+            shape: `(B, *D)`. With x_init it must equal x_init's shape, or be None (or a
+                placeholder that is no sample shape, such as `(0,)`) to take x_init's.
             generator: the only source of randomness; same seed -> bit-identical output.
             device, dtype: where to sample (default: the generator's device, float32).
             x_init: start from this x_T `[B, *D]` instead of a prior draw (its device and
@@ -317,6 +336,7 @@ class Sampler(abc.ABC):
         batch_invariant = check_bool("batch_invariant", batch_invariant)
         if x_init is not None:
             check_data("x_init", x_init)
+            _check_shape_matches(shape, x_init)
             shape = tuple(x_init.shape)
             device, dtype = x_init.device, x_init.dtype
         shape = check_shape(shape)
