@@ -305,20 +305,28 @@ def _diffusers_methods() -> list[Method]:
         return []
     import diffusers as d
 
-    def m(name, make, det=True, setting="", **kw) -> Method:
-        return Method(
-            name,
-            _diffusers_driver(make, **kw),
-            "diffusers",
-            det,
-            _diffusers_endpoints,
-            requires=("diffusers",),
-            setting=setting,
-        )
+    return _diffusers_ode_methods(d) + _diffusers_sde_methods(d)
 
+
+def _diffusers_method(name, make, det=True, setting="", **kw) -> Method:
+    """A Method driving the diffusers scheduler that ``make()`` builds."""
+    return Method(
+        name,
+        _diffusers_driver(make, **kw),
+        "diffusers",
+        det,
+        _diffusers_endpoints,
+        requires=("diffusers",),
+        setting=setting,
+    )
+
+
+def _diffusers_ode_methods(d) -> list[Method]:
+    """The deterministic diffusers schedulers (``d`` is the diffusers module)."""
+    m = _diffusers_method
     tr = dict(timestep_spacing="trailing")
     vp_sig = _vp_sigma_range()
-    methods = [
+    return [
         m(
             "diffusers DDIM",
             lambda: d.DDIMScheduler(**_VP_KW, **tr, clip_sample=False),
@@ -370,6 +378,14 @@ def _diffusers_methods() -> list[Method]:
             edm=True,
             setting="Karras rho 7 over the VP sigma range",
         ),
+    ]
+
+
+def _diffusers_sde_methods(d) -> list[Method]:
+    """The stochastic diffusers schedulers and score-SDE pipelines."""
+    m = _diffusers_method
+    tr = dict(timestep_spacing="trailing")
+    return [
         m(
             "diffusers DDPM",
             lambda: d.DDPMScheduler(**_VP_KW, **tr, clip_sample=False, variance_type="fixed_small"),
@@ -408,7 +424,6 @@ def _diffusers_methods() -> list[Method]:
             setting="SMLD predictor + Langevin corrector, 2 NFE/step",
         ),
     ]
-    return methods
 
 
 def _vp_sigma_range() -> tuple[float, float]:

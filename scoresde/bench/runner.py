@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,39 @@ def run_overhead(
     shared machine do not bias them; the run-level reference figures are for display."""
     sde = make_sde("vp")
     x_T = torch.randn(batch, 2, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    bare, bare_noise, bare_multistep = _bare_references(x_T)
+    bare_s, bare_med = _time_per_step(bare, num_steps, repeats)
+    noise_s, _ = _time_per_step(bare_noise, num_steps, repeats)
+    ms_s = {
+        k: _time_per_step(lambda n, k=k: bare_multistep(n, k), num_steps, repeats)[0]
+        for k in (2, 3)
+    }
+    refs = {"bare": bare, "noise": bare_noise}
+    refs.update({f"ms{k}": (lambda n, k=k: bare_multistep(n, k)) for k in (2, 3)})
+    rows = []
+    for method in methods:
+        if method.adaptive or method.sde_kind != "vp":
+            continue
+        try:
+            rows.append(_overhead_row(method, sde, x_T, refs, num_steps, repeats))
+        except Exception as err:
+            rows.append({"method": method.name, "error": f"{type(err).__name__}: {err}"})
+    return {
+        "batch": batch,
+        "num_steps": num_steps,
+        "repeats": repeats,
+        "dtype": str(dtype),
+        "bare_us_per_step": bare_s * 1e6,
+        "bare_median_us_per_step": bare_med * 1e6,
+        "bare_noise_us_per_step": noise_s * 1e6,
+        "bare_multistep_us_per_step": {str(k): v * 1e6 for k, v in ms_s.items()},
+        "rows": rows,
+    }
+
+
+def _bare_references(x_T: Tensor) -> tuple[Callable, Callable, Callable]:
+    """The bare torch loops `run_overhead` compares with: the update x <- a x + b eps, the
+    same plus one `torch.randn`, and a plain DPM-Solver++ kM update (each takes n steps)."""
 
     def bare(n: int) -> None:
         x = x_T
@@ -281,72 +314,56 @@ def run_overhead(
                 out = out + wj * d
             x = out
 
-    bare_s, bare_med = _time_per_step(bare, num_steps, repeats)
-    noise_s, _ = _time_per_step(bare_noise, num_steps, repeats)
-    ms_s = {
-        k: _time_per_step(lambda n, k=k: bare_multistep(n, k), num_steps, repeats)[0]
-        for k in (2, 3)
-    }
-    refs = {"bare": bare, "noise": bare_noise}
-    refs.update({f"ms{k}": (lambda n, k=k: bare_multistep(n, k)) for k in (2, 3)})
-    rows = []
-    for method in methods:
-        if method.adaptive or method.sde_kind != "vp":
-            continue
-        problem = Problem(sde, score=CountingFn(lambda x, t: -x))
-        gen = torch.Generator().manual_seed(0)
+    return bare, bare_noise, bare_multistep
 
-        def one_run(n: int, method=method, problem=problem, gen=gen) -> None:
-            method(problem, x_T, n, gen)
 
-        try:
-            # The method and every reference are timed in turn within each repeat, so a load
-            # change on the shared machine hits both sides of the ratio alike.
-            one_run(num_steps)
-            problem.score.nfe = 0
-            one_run(num_steps)
-            nfe_per_step = problem.score.nfe / num_steps
-            best = {name: math.inf for name in (*refs, "method")}
-            times = []
-            for _ in range(repeats):
-                for name, fn in (*refs.items(), ("method", one_run)):
-                    start = time.perf_counter()
-                    fn(num_steps)
-                    per = (time.perf_counter() - start) / num_steps
-                    best[name] = min(best[name], per)
-                    if name == "method":
-                        times.append(per)
-            per_step, median = best["method"], sorted(times)[len(times) // 2]
-            same, same_name = _same_update(
-                method, nfe_per_step, best["bare"], best["noise"], {2: best["ms2"], 3: best["ms3"]}
-            )
-            rows.append(
-                {
-                    "method": method.name,
-                    "family": method.family,
-                    "stochastic": not method.deterministic,
-                    "us_per_step": per_step * 1e6,
-                    "median_us_per_step": median * 1e6,
-                    "ratio_to_bare": per_step / best["bare"],
-                    "ratio_to_bare_noise": per_step / best["noise"],
-                    "nfe_per_step": nfe_per_step,
-                    "ratio_to_same_update": per_step / same,
-                    "same_update": same_name,
-                    "reference_us": {k: best[k] * 1e6 for k in refs},
-                }
-            )
-        except Exception as err:
-            rows.append({"method": method.name, "error": f"{type(err).__name__}: {err}"})
+def _overhead_row(
+    method: Method,
+    sde,
+    x_T: Tensor,
+    refs: dict[str, Callable],
+    num_steps: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """One method's row of `run_overhead`, timed interleaved with the references."""
+    problem = Problem(sde, score=CountingFn(lambda x, t: -x))
+    gen = torch.Generator().manual_seed(0)
+
+    def one_run(n: int) -> None:
+        method(problem, x_T, n, gen)
+
+    # The method and every reference are timed in turn within each repeat, so a load
+    # change on the shared machine hits both sides of the ratio alike.
+    one_run(num_steps)
+    problem.score.nfe = 0
+    one_run(num_steps)
+    nfe_per_step = problem.score.nfe / num_steps
+    best = {name: math.inf for name in (*refs, "method")}
+    times = []
+    for _ in range(repeats):
+        for name, fn in (*refs.items(), ("method", one_run)):
+            start = time.perf_counter()
+            fn(num_steps)
+            per = (time.perf_counter() - start) / num_steps
+            best[name] = min(best[name], per)
+            if name == "method":
+                times.append(per)
+    per_step, median = best["method"], sorted(times)[len(times) // 2]
+    same, same_name = _same_update(
+        method, nfe_per_step, best["bare"], best["noise"], {2: best["ms2"], 3: best["ms3"]}
+    )
     return {
-        "batch": batch,
-        "num_steps": num_steps,
-        "repeats": repeats,
-        "dtype": str(dtype),
-        "bare_us_per_step": bare_s * 1e6,
-        "bare_median_us_per_step": bare_med * 1e6,
-        "bare_noise_us_per_step": noise_s * 1e6,
-        "bare_multistep_us_per_step": {str(k): v * 1e6 for k, v in ms_s.items()},
-        "rows": rows,
+        "method": method.name,
+        "family": method.family,
+        "stochastic": not method.deterministic,
+        "us_per_step": per_step * 1e6,
+        "median_us_per_step": median * 1e6,
+        "ratio_to_bare": per_step / best["bare"],
+        "ratio_to_bare_noise": per_step / best["noise"],
+        "nfe_per_step": nfe_per_step,
+        "ratio_to_same_update": per_step / same,
+        "same_update": same_name,
+        "reference_us": {k: best[k] * 1e6 for k in refs},
     }
 
 
