@@ -1,0 +1,127 @@
+"""`scoresde sample`: draw samples from a checkpoint or a saved model."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from scoresde.cli._common import (
+    _check_sample_outputs,
+    _common,
+    _load_checkpoint,
+    _make_sampler,
+    _overwrite_option,
+    _plot_samples,
+    _positive_float,
+    _positive_int,
+    _save_samples_npz,
+    _say,
+    _setup_torch,
+)
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """The `sample` subcommand."""
+    p = sub.add_parser(
+        "sample",
+        help="draw samples from a trained checkpoint",
+        description=(
+            "Sample from a checkpoint written by 'scoresde train' and map the samples back "
+            "to data units with the checkpoint's data scaler. Writes an .npz (array "
+            "'samples') and a PNG next to it (a scatter for 2-D data, a grid for images)."
+        ),
+    )
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint file, the --ckpt-dir of 'scoresde train', or a saved model folder "
+        "(ScoreModel.save_pretrained: config.json + model.safetensors)",
+    )
+    from scoresde.samplers import SAMPLERS  # the one registry of sampler names
+
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="dpm", help="solver (default dpm)")
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="solver steps (default: pc/em 500, ode 100, ddim/edm 50, dpm 20)",
+    )
+    p.add_argument("--rtol", type=_positive_float, default=None, help="adaptive tolerance")
+    p.add_argument(
+        "--num-samples",
+        "--num",  # the old name; torchrun takes a bare --num for its own --numa-binding
+        dest="num",
+        type=_positive_int,
+        default=1000,
+        help="number of samples (1000)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=1024,
+        help="samples per batch (1024); the samples do not depend on it (except with --sampler "
+        "pc, whose Langevin step size averages over a batch) nor on the number of processes "
+        "under torchrun, which share out the batches",
+    )
+    p.add_argument("--out", default="samples.npz", help="output .npz (default samples.npz)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    _overwrite_option(p, "replace an existing --out file (and the PNG beside it)")
+    _common(p)
+    p.set_defaults(func=_cmd_sample)
+    return p
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import warnings
+
+    from scoresde import distributed as sdist
+    from scoresde.samplers.pc import BatchDependenceWarning
+
+    device = _setup_torch(args)
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ValueError(f"--out must name an .npz file, got {args.out!r}")
+    _check_sample_outputs(out, args.overwrite)
+    info, device = sdist.setup(None, device)  # under torchrun: join the process group
+    model, scaler, cfg = _load_checkpoint(args.checkpoint, device, ema=not args.no_ema)
+    sampler = _make_sampler(args.sampler, model.sde, args.steps, args.rtol)
+    data_shape = tuple(cfg["model"]["data_shape"])
+    start = time.perf_counter()
+    # Global batches of --batch-size, each with per-sample noise streams: the samples are
+    # those of one process whatever the number of processes (see scoresde.distributed).
+    with warnings.catch_warnings():
+        # PC's Langevin step depends on the batch: --help says so; the batches themselves do
+        # not depend on the number of processes, so torchrun still matches one process.
+        warnings.simplefilter("ignore", BatchDependenceWarning)
+        x = sdist.sample(
+            sampler,
+            model,
+            args.num,
+            data_shape,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=device,
+            progress=not args.quiet,
+            info=info,
+        )
+    seconds = time.perf_counter() - start
+    nfe = sampler.nfe_total
+    if x is None:  # not rank 0: its batches went to rank 0
+        sdist.shutdown()
+        return 0
+    samples = x.float().cpu()
+    if scaler is not None:
+        samples = scaler.inverse_transform(samples)
+    _save_samples_npz(out, samples.numpy())
+    title = f"{args.sampler}, NFE {sampler.nfe}"
+    png = _plot_samples(samples, out.with_suffix(".png"), title, scaler)
+    procs = f" on {info.world_size} processes" if info.enabled else ""
+    _say(
+        args,
+        f"{args.num} samples of shape {list(data_shape)} with {type(sampler).__name__}: NFE {nfe}"
+        f"{' per process' if procs else ''}, {seconds:.1f} s{procs} -> {out}"
+        + (f" and {png}" if png is not None else ""),
+    )
+    sdist.shutdown()
+    return 0

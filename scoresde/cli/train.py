@@ -1,0 +1,308 @@
+"""`scoresde train`: train a score model and write checkpoints, plots and the exported model."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from scoresde.cli._common import (
+    NET_NAMES,
+    PARAMETERIZATIONS,
+    PRECONDITIONINGS,
+    PRETRAINED_DIR,
+    SDE_NAMES,
+    _check_ckpt_dir_is_folder,
+    _check_new_run_folder,
+    _common,
+    _fit_scaler,
+    _generator,
+    _int_list,
+    _load_training_data,
+    _max_pairwise_distance,
+    _nonneg_int,
+    _overwrite_option,
+    _plot_samples,
+    _positive_float,
+    _positive_int,
+    _say,
+    _setup_torch,
+)
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """The `train` subcommand."""
+    p = sub.add_parser(
+        "train",
+        help="train a score model on a toy set, a .npy/.npz/.pt/.csv/.tsv file or images",
+        description=(
+            "Train a score model with denoising score matching and write checkpoints (with "
+            "EMA weights, the data scaler and everything 'scoresde sample' needs) to "
+            "--ckpt-dir, plus a sample plot every --plot-every steps, metrics.csv (step, "
+            "loss, lr, grad norm, seconds), TensorBoard events in --ckpt-dir/tensorboard "
+            "when tensorboard is installed, and loss.png. At the end the EMA "
+            "model is exported to --ckpt-dir/model (config.json + model.safetensors, for "
+            "ScoreModel.from_pretrained)."
+        ),
+    )
+    _add_data_and_model_options(p)
+    _add_training_options(p)
+    _overwrite_option(p, "start a new run in a --ckpt-dir that is not empty (replacing files)")
+    _common(p)
+    p.set_defaults(func=_cmd_train)
+    return p
+
+
+def _add_data_and_model_options(p: argparse.ArgumentParser) -> None:
+    """`train`'s data, SDE, network and scaling options."""
+    p.add_argument(
+        "data",
+        help="toy-set name (8gaussians, mixture3, two_moons, swiss_roll, checkerboard, "
+        "circles, digits) or a path: .npy, .npz, .pt, .csv, .tsv (numeric columns; a header "
+        "row is detected), or a folder of images",
+    )
+    p.add_argument(
+        "--key",
+        default=None,
+        help="array name inside a .npz/.pt file; for .csv/.tsv the columns to use (a,b,c)",
+    )
+    p.add_argument("--num-data", type=_positive_int, default=None, help="use N samples of data")
+    p.add_argument("--image-size", type=_positive_int, default=None, help="resize images to S x S")
+    p.add_argument("--sde", choices=SDE_NAMES, default="vp", help="forward SDE (default vp)")
+    p.add_argument(
+        "--sigma-max",
+        type=_positive_float,
+        default=None,
+        help="VE SDE's sigma_max (default: the largest distance between training points)",
+    )
+    p.add_argument(
+        "--net",
+        choices=NET_NAMES,
+        default="auto",
+        help="network: mlp for flat data, unet for images [B, C, H, W] (default auto)",
+    )
+    p.add_argument(
+        "--param",
+        choices=PARAMETERIZATIONS,
+        default="eps",
+        help="network output: eps (default, DDPM's), v, x0, score (with the Gaussian "
+        "preconditioning every one works with every sampler)",
+    )
+    p.add_argument(
+        "--preconditioning",
+        choices=PRECONDITIONINGS,
+        default="gaussian",
+        help="gaussian (default): the network predicts a residual over the optimal denoiser "
+        "of N(0, sigma_data^2) data (EDM-style); none: the raw network output",
+    )
+    p.add_argument(
+        "--sigma-data",
+        type=_positive_float,
+        default=None,
+        help="data std the gaussian preconditioning assumes (default: the std of the scaled "
+        "training data)",
+    )
+    p.add_argument("--hidden", type=_positive_int, default=256, help="MLP width (default 256)")
+    p.add_argument(
+        "--blocks", type=_positive_int, default=4, help="MLP residual blocks (default 4)"
+    )
+    p.add_argument(
+        "--channels", type=_int_list, default=(32, 64), help="U-Net channels per level (32,64)"
+    )
+    p.add_argument(
+        "--scaling",
+        choices=("auto", "minmax", "standard", "none"),
+        default="auto",
+        help="data scaling: minmax onto [-1, 1] (auto for images), standard: zero mean and "
+        "unit variance (auto for other data), none",
+    )
+    p.add_argument(
+        "--per-feature",
+        action="store_true",
+        help="scale every feature (entry of a sample) separately, e.g. table columns",
+    )
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """`train`'s optimisation, checkpoint and plotting options."""
+    p.add_argument(
+        "--steps", type=_positive_int, default=5000, help="training steps in total (default 5000)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="batch size (256)")
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="learning rate (default 1e-3 for the MLP, 2e-4 for the U-Net)",
+    )
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights (0.999)")
+    p.add_argument("--ckpt-dir", default="scoresde-run", help="checkpoint folder (./scoresde-run)")
+    p.add_argument(
+        "--ckpt-every", type=_positive_int, default=1000, help="steps between checkpoints (1000)"
+    )
+    p.add_argument(
+        "--plot-every",
+        type=_nonneg_int,
+        default=None,
+        help="write a sample plot every N steps (default: at checkpoints; 0: never)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --ckpt-dir up to --steps, with its stored settings",
+    )
+
+
+def _net_kwargs(args: argparse.Namespace, net: str) -> dict[str, Any]:
+    if net == "mlp":
+        return {"hidden": args.hidden, "num_blocks": args.blocks}
+    return {"channels": tuple(args.channels)}
+
+
+def _periodic_plot(ckpt_dir: Path, data_shape: Sequence[int], scaler: Any, seed: int) -> Any:
+    """A Trainer callback that samples the EMA model with 20 DPM-Solver++ steps and writes
+    `samples_stepXXXXXXX.png` into the checkpoint folder."""
+    from scoresde.samplers.dpm_solver import DPMSolverSampler
+
+    num = 64 if len(data_shape) == 3 else 1000
+
+    def callback(trainer: Any) -> None:
+        model = trainer.ema_model
+        device = next(model.parameters()).device
+        sampler = DPMSolverSampler(model.sde, num_steps=20)
+        x = sampler.sample(
+            model, (num, *data_shape), generator=_generator(seed, device), device=device
+        )
+        x = scaler.inverse_transform(x.detach().float()).cpu()
+        path = ckpt_dir / f"samples_step{trainer.step:07d}.png"
+        _plot_samples(x, path, f"step {trainer.step}", scaler)
+
+    return callback
+
+
+def _resumed_run(args: argparse.Namespace, ckpt_dir: Path, device: Any) -> tuple[Any, Any, Any]:
+    """(Trainer, unscaled data, scaler) of the run in `ckpt_dir`, with its stored settings."""
+    from scoresde.training import Trainer
+
+    trainer = Trainer.from_checkpoint(ckpt_dir, device=device, distributed=None)
+    cli = trainer.user_config.get("cli") or {}
+    if not cli:
+        raise ValueError(f"{ckpt_dir} was not written by 'scoresde train'; cannot resume")
+    data_args = argparse.Namespace(**{**vars(args), **cli["data_args"]})
+    x = _load_training_data(data_args)
+    scaler = trainer.data_scaler
+    _say(args, f"resuming at step {trainer.step} from {ckpt_dir}")
+    return trainer, x, scaler
+
+
+def _new_run(args: argparse.Namespace, ckpt_dir: Path, device: Any) -> tuple[Any, Any, Any]:
+    """(Trainer, unscaled data, scaler) of a new run: load the data, fit the scaler, build
+    the model from the options."""
+    from scoresde.losses import DSMLoss
+    from scoresde.training import Trainer, build_model
+
+    x = _load_training_data(args)
+    data_shape = tuple(x.shape[1:])
+    net = args.net
+    if net == "auto":
+        net = "unet" if x.ndim == 4 else "mlp"
+    scaler = _fit_scaler(args.scaling, x, args.per_feature)
+    sde_kwargs: dict[str, Any] = {}
+    if args.sde == "ve":
+        sde_kwargs["sigma_max"] = (
+            args.sigma_max
+            if args.sigma_max is not None
+            else _max_pairwise_distance(scaler.transform(x))
+        )
+    elif args.sigma_max is not None:
+        raise ValueError(f"--sigma-max is only used with --sde ve, got --sde {args.sde}")
+    sigma_data = args.sigma_data
+    if sigma_data is None:  # the scaled data's std (1 for standardised data)
+        std = float(scaler.transform(x).float().std())
+        sigma_data = float(f"{std:.3g}") if math.isfinite(std) and std > 0 else 1.0
+    model = build_model(
+        args.sde,
+        net,
+        data_shape,
+        args.param,
+        sde_kwargs=sde_kwargs,
+        net_kwargs=_net_kwargs(args, net),
+        seed=args.seed,
+        preconditioning=args.preconditioning,
+        sigma_data=sigma_data,
+    )
+    data_args = {
+        "data": args.data,
+        "key": args.key,
+        "num_data": args.num_data,
+        "image_size": args.image_size,
+        "seed": args.seed,
+    }
+    trainer = Trainer(
+        model,
+        DSMLoss(model.sde),
+        lr=args.lr if args.lr is not None else (2e-4 if net == "unet" else 1e-3),
+        batch_size=args.batch_size,
+        ema_decay=args.ema,
+        checkpoint_dir=ckpt_dir,
+        checkpoint_every=args.ckpt_every,
+        seed=args.seed,
+        device=device,
+        data_scaler=scaler,
+        config={"cli": {"data_args": data_args}},
+    )
+    _say(
+        args,
+        f"training a {net} score model ({args.param}-prediction, {args.sde} SDE) on "
+        f"{args.data}: {x.shape[0]} samples of shape {list(data_shape)}, {trainer.device}",
+    )
+    return trainer, x, scaler
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    device = _setup_torch(args)
+    ckpt_dir = Path(args.ckpt_dir)
+    progress = not args.quiet
+    _check_ckpt_dir_is_folder(ckpt_dir)
+    if not args.resume:
+        _check_new_run_folder(ckpt_dir, args.overwrite)
+    if args.resume:
+        trainer, x, scaler = _resumed_run(args, ckpt_dir, device)
+    else:
+        trainer, x, scaler = _new_run(args, ckpt_dir, device)
+    remaining = args.steps - trainer.step if args.resume else args.steps
+    if remaining <= 0:
+        _say(args, f"nothing to do: the checkpoint is at step {trainer.step} >= --steps")
+        return 0
+    plot_every = args.ckpt_every if args.plot_every is None else args.plot_every
+    callback = None
+    if plot_every:
+        shape = tuple(x.shape[1:])
+        callback = _periodic_plot(ckpt_dir, shape, scaler, args.seed)
+    trainer.fit(
+        scaler.transform(x),
+        remaining,
+        progress=progress,
+        callback=callback,
+        callback_every=plot_every or None,
+    )
+    if trainer.dist.is_main:  # under torchrun, only rank 0 writes files and reports
+        from scoresde import plotting
+        from scoresde.runlog import read_metrics
+
+        # The loss curve of the whole run (resumed sessions included), from its metrics log.
+        plotting.plot_loss(read_metrics(ckpt_dir)["loss"], ckpt_dir / "loss.png")
+        if callback is not None and trainer.step % plot_every:
+            callback(trainer)  # a plot of the final model as well
+        exported = trainer.save_pretrained(ckpt_dir / PRETRAINED_DIR)  # EMA weights + scaler
+        _say(
+            args,
+            f"step {trainer.step}: checkpoint {ckpt_dir / 'latest.pt'}; model for "
+            f"ScoreModel.from_pretrained in {exported}",
+        )
+    from scoresde.distributed import shutdown
+
+    shutdown()  # under torchrun: leave the process group cleanly (a no-op otherwise)
+    return 0
