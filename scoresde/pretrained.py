@@ -4,7 +4,7 @@
     model = ScoreModel.from_pretrained("my-model", device="cuda")
     samples = model.data_scaler.inverse_transform(sampler.sample(model, (64, 2)))
 
-`config.json` holds the `build_model` spec of the model (`scoresde.training.model_spec`:
+`config.json` holds the `build_model` spec of the model (`scoresde.recipes.model_spec`:
 SDE, network name and kwargs, data shape, class count and ScoreModel's own options such as
 the parameterization), the weights' dtype and the `DataScaler` (kind, shift, scale as
 numbers) that maps samples back to data units. `model.safetensors` holds the state dict.
@@ -12,7 +12,7 @@ numbers) that maps samples back to data units. `model.safetensors` holds the sta
 Loading reads JSON and the safetensors header, builds the model on the meta device and
 compares its parameter names and shapes with the file's before allocating anything, so a
 config that does not fit its weights (or asks for a huge network) fails with
-`scoresde.training.CheckpointError` naming the mismatch.
+`scoresde.checkpoints.CheckpointError` naming the mismatch.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def save_pretrained(
     """Write `path/config.json` and `path/model.safetensors` (see the module docstring).
 
     Args:
-        model: a `ScoreModel` whose spec is known (made by `scoresde.training.build_model`,
+        model: a `ScoreModel` whose spec is known (made by `scoresde.recipes.build_model`,
             or an `MLPScoreNet` / `UNet` in a built-in SDE).
         path: the folder (created if needed; the two files in it are replaced).
         data_scaler: saved with the model; default `model.data_scaler` if it has one.
@@ -86,7 +86,7 @@ def save_pretrained(
     """
     from safetensors.torch import save_file
 
-    from scoresde.training import model_spec
+    from scoresde.recipes import model_spec
 
     if not isinstance(model, ScoreModel):
         raise TypeError(f"model must be a ScoreModel, got {type(model).__name__}")
@@ -122,7 +122,7 @@ def save_pretrained(
 
 def read_pretrained_config(path: str | os.PathLike) -> dict[str, Any]:
     """The validated `config.json` of a saved model folder (raises CheckpointError)."""
-    from scoresde.training import CheckpointError
+    from scoresde.checkpoints import CheckpointError
 
     folder = Path(path)
     file = folder / CONFIG_NAME
@@ -151,7 +151,8 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str | None =
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from scoresde.training import CheckpointError, _model_from_spec, check_spec_fits
+    from scoresde.checkpoints import CheckpointError, check_spec_fits
+    from scoresde.recipes import _model_from_spec
 
     folder = Path(path)
     config = read_pretrained_config(folder)

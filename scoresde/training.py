@@ -7,11 +7,8 @@ warm-up, EMA update of the weights. Everything random comes from those two gener
 runs are reproducible, and a checkpoint (model, EMA, optimizer, scheduler, grad scaler,
 step, loss history, the RNG states and the configuration) resumes *bit-exactly* on CPU.
 
-Checkpoints are written atomically (torch.save to a temporary file in the same folder,
-flush + fsync, os.replace), so a crash mid-write leaves the previous `latest.pt` intact.
-Reading validates the file before touching the trainer: random bytes, a torch file that
-is not a scoresde checkpoint and a checkpoint of another architecture raise
-`CheckpointError` and leave both the trainer and the files unchanged.
+Checkpoints are written atomically and validated before they touch the trainer (a bad one
+raises `CheckpointError` and leaves the trainer and the files unchanged): `scoresde.checkpoints`.
 
 Multi-process: under `torchrun` (or with `distributed=True`) the network is wrapped in
 DistributedDataParallel; each rank draws the same global batch of `batch_size` samples
@@ -21,8 +18,8 @@ progress and runs the callback.
 
 Mixed precision (`torch.autocast`, bf16 or fp16 with a GradScaler) is used only on CUDA.
 
-`build_model` / `build_sde` make a model from names (for the CLI), and record that spec so
-`Trainer.from_checkpoint(path)` can rebuild everything from a checkpoint alone.
+`build_model` / `build_sde` (`scoresde.recipes`, re-exported here) make a model from names,
+and record that spec so `Trainer.from_checkpoint(path)` can rebuild it from a checkpoint alone.
 """
 
 from __future__ import annotations
@@ -32,27 +29,45 @@ import copy
 import math
 import os
 import signal
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from scoresde import distributed as sdist
-from scoresde._validation import check_choice, check_positive, check_positive_int
+from scoresde._batches import _IterableBatches, _TensorBatches, make_batches
+from scoresde._stopping import TrainingDivergedError, TrainingInterrupted, _StopSignals
+from scoresde._validation import check_positive, check_positive_int
+from scoresde.checkpoints import (  # noqa: F401 - re-exported: their home was this module
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    LATEST,
+    TEMP_FILE_PATTERNS,
+    CheckpointError,
+    LoadedModel,
+    TrainerCheckpoints,
+    _atomic_save,
+    _check_checkpoint_dir,
+    check_spec_fits,
+    load_model,
+    read_checkpoint,
+    remove_stale_temp_files,
+)
 from scoresde.data import DataScaler
-from scoresde.losses import build_loss
-from scoresde.nets.embedding import FourierTimeEmbedding
-from scoresde.nets.mlp import MLPScoreNet
 from scoresde.nets.score_model import ScoreModel
-from scoresde.nets.unet import UNet
+from scoresde.recipes import (  # noqa: F401 - re-exported: their home was this module
+    NET_NAMES,
+    SDE_NAMES,
+    _model_from_spec,
+    build_model,
+    build_sde,
+    model_spec,
+    sde_config,
+)
 from scoresde.runlog import MetricsLog, tensorboard_available
-from scoresde.samplers.base import NonFiniteError
-from scoresde.sdes import SDE, VESDE, VPSDE, CosineVPSDE, SubVPSDE
 
 Tensor = torch.Tensor
 
@@ -73,513 +88,8 @@ __all__ = [
     "NET_NAMES",
 ]
 
-CHECKPOINT_FORMAT = "scoresde.checkpoint"
-CHECKPOINT_VERSION = 1
-LATEST = "latest.pt"
 
-
-class CheckpointError(ValueError):
-    """A file that is not a readable scoresde checkpoint, or one that does not fit the model."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """`fit` stopped on SIGINT (Ctrl-C) or SIGTERM after finishing its current step, with a
-    checkpoint saved when the Trainer has a checkpoint_dir. Attributes: `signum`, `step`,
-    `checkpoint` (the path written, or None). A KeyboardInterrupt, so an uncaught one
-    stops a script as Ctrl-C always did."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        name = signal.Signals(signum).name
-        saved = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint written"
-        super().__init__(f"training interrupted by {name} at step {step}; {saved}")
-
-
-class _StopSignals:
-    """While active (in the main thread), SIGINT and SIGTERM only set `signum`, so `fit` can
-    finish the current step, save and stop; a second signal interrupts at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(ValueError, OSError):
-                    self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # asked twice: stop now, without saving
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-
-
-class TrainingDivergedError(NonFiniteError):
-    """The loss or the weights became NaN/Inf. Training stopped; no checkpoint holding
-    non-finite weights was written, so the last one on disk is the last good state."""
-
-
-# --- building models from names ---------------------------------------------------------------
-
-SDE_NAMES: dict[str, type[SDE]] = {
-    "vp": VPSDE,
-    "subvp": SubVPSDE,
-    "ve": VESDE,
-    "cosine": CosineVPSDE,
-}
-NET_NAMES = ("mlp", "unet")
-
-
-def build_sde(name: str, **kwargs: Any) -> SDE:
-    """An SDE by name: "vp", "subvp", "ve" or "cosine", with its constructor's kwargs."""
-    check_choice("sde", name, tuple(SDE_NAMES))
-    return SDE_NAMES[name](**kwargs)
-
-
-def sde_config(sde: SDE) -> dict[str, Any]:
-    """{"name": ..., constructor kwargs} of a built-in SDE (inverse of `build_sde`)."""
-    return sde.config()  # asked of the SDE (scoresde.sdes)
-
-
-def build_model(
-    sde: str | SDE = "vp",
-    net: str = "mlp",
-    data_shape: Sequence[int] = (2,),
-    parameterization: str = "eps",
-    *,
-    num_classes: int | None = None,
-    sde_kwargs: dict[str, Any] | None = None,
-    net_kwargs: dict[str, Any] | None = None,
-    seed: int | None = 0,
-    scale_input: bool = True,
-    preconditioning: str = "gaussian",
-    sigma_data: float = 1.0,
-) -> ScoreModel:
-    """A `ScoreModel` from names, e.g. `build_model("vp", "unet", (1, 8, 8))`.
-
-    Args:
-        sde: an SDE name ("vp", "subvp", "ve", "cosine"; kwargs in `sde_kwargs`) or an SDE.
-        net: "mlp" (`MLPScoreNet(dim=prod(data_shape))`, for any data shape) or "unet"
-            (`UNet(in_channels=C)`, data_shape (C, H, W)); extra kwargs in `net_kwargs`.
-        data_shape: the shape D of one sample (without the batch dimension).
-        parameterization: "eps" (default, as `ScoreModel` and DDPM), "v", "score" or "x0".
-            With the default Gaussian preconditioning every one samples as well with the
-            probability-flow ODE solvers as with SDE solvers (before it, raw eps- and
-            score-networks did not: see docs/solvers.md).
-        num_classes: labels for a conditional network (label num_classes = null class).
-        seed: seeds the weight initialisation without touching the global RNG (None: use
-            the global RNG).
-        scale_input, preconditioning, sigma_data: passed to `ScoreModel`. A recorded spec
-            without "preconditioning" (checkpoints made before it existed) means "none".
-
-    The returned model carries `model.spec`, the plain-dict recipe that rebuilds it, which
-    the Trainer stores in checkpoints.
-    """
-    data_shape = tuple(int(d) for d in data_shape)
-    if not data_shape or any(d < 0 for d in data_shape) or data_shape[0] <= 0:
-        raise ValueError(
-            "data_shape must be a non-empty tuple of non-negative ints with a positive first "
-            f"entry (0 = any size, for the U-Net's H and W), got {data_shape!r}"
-        )
-    check_choice("net", net, NET_NAMES)
-    net_kwargs = dict(net_kwargs or {})
-    if isinstance(sde, SDE):
-        sde_obj, sde_cfg = sde, sde_config(sde)
-    else:
-        sde_obj = build_sde(sde, **(sde_kwargs or {}))
-        sde_cfg = sde_config(sde_obj)
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-    with rng:
-        if seed is not None:
-            torch.manual_seed(seed)
-        if net == "mlp":
-            network: nn.Module = MLPScoreNet(
-                dim=math.prod(data_shape), num_classes=num_classes, **net_kwargs
-            )
-        else:
-            if len(data_shape) != 3:  # (H, W may be 0 in a recorded spec: any size)
-                raise ValueError(f"net='unet' needs data_shape (C, H, W), got {data_shape!r}")
-            network = UNet(in_channels=data_shape[0], num_classes=num_classes, **net_kwargs)
-    model = ScoreModel(
-        network,
-        sde_obj,
-        parameterization,
-        scale_input=scale_input,
-        preconditioning=preconditioning,
-        sigma_data=sigma_data,
-    )
-    model.spec = {  # type: ignore[attr-defined]
-        "sde": sde_cfg,
-        "net": net,
-        "data_shape": list(data_shape),
-        "num_classes": num_classes,
-        "net_kwargs": net_kwargs,
-        **model.config(),  # parameterization, scale_input, ... (ScoreModel's own options)
-    }
-    return model
-
-
-def model_spec(model: nn.Module) -> dict[str, Any] | None:
-    """The `build_model` recipe of a model: its `spec` if `build_model` made it, else one
-    read off a `ScoreModel` of a built-in SDE around an `MLPScoreNet` or `UNet`; None for
-    anything else (such a model is saved, but must be rebuilt by its author to load)."""
-    spec = getattr(model, "spec", None)
-    if spec is not None:
-        return spec
-    if not isinstance(model, ScoreModel) or sde_config(model.sde).get("custom"):
-        return None
-    net = model.net
-    if type(net) is UNet:
-        kwargs = dict(net.init_kwargs)
-        name, shape = "unet", [kwargs.pop("in_channels"), 0, 0]  # H, W: any
-    elif type(net) is MLPScoreNet:
-        first = net.time_embed[0]
-        kwargs = {
-            "hidden": net.inp.out_features,
-            "num_blocks": len(net.blocks),
-            "time_embedding": "fourier"
-            if isinstance(first, FourierTimeEmbedding)
-            else "sinusoidal",
-            "embed_dim": net.time_embed[1].in_features,
-        }
-        name, shape = "mlp", [net.dim]
-    else:
-        return None
-    num_classes = kwargs.pop("num_classes", None) if name == "unet" else net.num_classes
-    return {
-        "sde": sde_config(model.sde),
-        "net": name,
-        "data_shape": shape,
-        "num_classes": num_classes,
-        "net_kwargs": kwargs,
-        **model.config(),
-    }
-
-
-def _model_from_spec(spec: dict[str, Any], *, meta: bool = False) -> ScoreModel:
-    """The model of a `build_model` spec; `meta=True` builds it on the meta device (shapes
-    only, no memory), to check a checkpoint's spec against its tensors first."""
-    sde_cfg = dict(spec["sde"])
-    if sde_cfg.pop("custom", False):
-        raise CheckpointError(
-            f"the checkpoint's SDE {sde_cfg.get('name')!r} is not built in; build the model "
-            "yourself and use trainer.load(path)"
-        )
-    name = sde_cfg.pop("name")
-    sde = build_sde(name, **sde_cfg)  # (outside the meta context: the SDE's own tables)
-    # ScoreModel's own options (parameterization, scale_input, ...) go through as they are.
-    options = {k: spec[k] for k in ScoreModel.option_names() if k in spec}
-    # Specs written before preconditioning existed mean the raw network output.
-    options.setdefault("preconditioning", "none")
-    with torch.device("meta") if meta else contextlib.nullcontext():
-        return build_model(
-            sde,
-            spec["net"],
-            spec["data_shape"],
-            num_classes=spec.get("num_classes"),
-            net_kwargs=spec.get("net_kwargs"),
-            seed=0,  # overwritten by the weights; seeded so the global RNG is untouched
-            **options,
-        )
-
-
-def check_spec_fits(spec: Any, state: Any, what: str = "model") -> None:
-    """Raise CheckpointError unless the model a checkpoint's spec describes has exactly the
-    keys and shapes of its weights `state`. The model is built on the meta device, so a
-    small file cannot make the reader allocate a huge network before the check."""
-    if not isinstance(spec, dict):
-        raise CheckpointError(f"the checkpoint's model spec is not a dict: {type(spec).__name__}")
-    try:
-        skeleton = _model_from_spec(spec, meta=True)
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-        raise CheckpointError(f"the checkpoint's model spec cannot be built: {err}") from err
-    _check_state_compatible(what, skeleton, state)
-
-
-# --- checkpoint files -------------------------------------------------------------------------
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in path's folder, flush + fsync, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable (not possible everywhere)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _check_checkpoint_dir(path: str | os.PathLike | None) -> Path | None:
-    """checkpoint_dir must be a folder (or not exist yet): refused at once, not at the first
-    save after training ran."""
-    if path is None:
-        return None
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"checkpoint_dir must be a path, got {type(path).__name__}")
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"checkpoint_dir {str(folder)!r} exists and is not a folder")
-    for parent in folder.parents:  # a file where a parent folder should be
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(
-                    f"checkpoint_dir {str(folder)!r}: {str(parent)!r} is a file, not a folder"
-                )
-            break
-    return folder
-
-
-# The temporary files of `_atomic_save` for latest.pt and step_XXXXXXXX.pt.
-TEMP_FILE_PATTERNS = (f".{LATEST}.*.tmp", ".step_*.pt.*.tmp")
-
-
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete the temporary files a run killed while checkpointing left in its folder
-    (only those `_atomic_save` names for latest.pt and step_XXXXXXXX.pt). Returns them."""
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for pattern in TEMP_FILE_PATTERNS:
-        for tmp in folder.glob(pattern):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-                removed.append(tmp)
-    return removed
-
-
-_REQUIRED_KEYS = ("step", "model", "ema", "optimizer", "scheduler", "rng", "config")
-
-
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read and validate a scoresde checkpoint (a file, or a folder holding `latest.pt`).
-
-    Raises FileNotFoundError if it does not exist and `CheckpointError` if it is not a
-    complete scoresde checkpoint (truncated, random bytes, another program's file).
-    Loads with `weights_only=True`: no code from the file is executed.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / LATEST
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, random bytes, unpickling refusal, ...
-        raise CheckpointError(
-            f"{str(path)!r} is not a readable checkpoint (truncated or not a torch file): "
-            f"{type(err).__name__}: {err}"
-        ) from err
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is a torch file but not a scoresde checkpoint")
-    if obj.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{str(path)!r} has checkpoint version {obj.get('version')!r}; this scoresde "
-            f"reads version {CHECKPOINT_VERSION}"
-        )
-    missing = [k for k in _REQUIRED_KEYS if k not in obj]
-    if missing:
-        raise CheckpointError(f"{str(path)!r} lacks the entries {missing}")
-    return obj
-
-
-class LoadedModel(NamedTuple):
-    """A trained model rebuilt from a checkpoint: `model` (eval mode), the `data_scaler`
-    that maps its samples back to data units (or None) and the stored `config`."""
-
-    model: ScoreModel
-    data_scaler: DataScaler | None
-    config: dict[str, Any]
-
-
-def _rebuild_model(
-    cfg: dict, path: str | os.PathLike, hint: str, state: Any, what: str
-) -> ScoreModel:
-    """The ScoreModel of a checkpoint's configuration, once its spec is checked against the
-    weights `state` (only models made by `build_model` carry the spec needed to rebuild
-    them; `hint` says what to do otherwise)."""
-    if not cfg.get("model"):
-        raise CheckpointError(
-            f"{str(path)!r} holds no model spec (the model was not made by build_model); {hint}"
-        )
-    check_spec_fits(cfg["model"], state, what)
-    return _model_from_spec(cfg["model"])
-
-
-def load_model(
-    path: str | os.PathLike, *, ema: bool = True, device: torch.device | str | None = None
-) -> LoadedModel:
-    """Rebuild the model of a checkpoint (made with `build_model`) with its EMA weights
-    (`ema=True`, the ones to sample from) or its raw weights, for sampling / likelihoods."""
-    ckpt = read_checkpoint(path)
-    cfg = ckpt["config"]
-    state = ckpt["ema" if ema else "model"]
-    what = "EMA model" if ema else "model"
-    hint = "build the model yourself and load_state_dict(read_checkpoint(path)['ema'])"
-    model = _rebuild_model(cfg, path, hint, state, what)
-    model.load_state_dict(state)
-    if device is not None:
-        model = model.to(device)
-    scaler = cfg.get("data_scaler")
-    return LoadedModel(
-        model.eval(), None if scaler is None else DataScaler.from_state_dict(scaler), cfg
-    )
-
-
-def _meaning(opts: dict[str, Any]) -> dict[str, Any]:
-    """What a ScoreModel's weights mean, canonically: Gaussian-preconditioned v-prediction
-    with sigma_data = 1 and input scaling is exactly raw v-prediction (c_skip = 0,
-    c_out = 1, c_in = 1/s), so the two read the same weights the same way."""
-    out = {
-        "parameterization": opts["parameterization"],
-        "preconditioning": opts.get("preconditioning", "none"),
-        "scale_input": bool(opts.get("scale_input", True)),
-    }
-    if out["preconditioning"] == "gaussian":
-        sd = float(opts.get("sigma_data", 1.0))
-        if out["parameterization"] == "v" and sd == 1.0 and out["scale_input"]:
-            out["preconditioning"] = "none"
-        else:
-            out["sigma_data"] = sd
-    return out
-
-
-def _check_same_semantics(model: nn.Module, spec: Any, path: str | os.PathLike) -> None:
-    """Raise CheckpointError if a ScoreModel would read the stored weights with another
-    meaning (parameterization, preconditioning, sigma_data, input scaling) than they were
-    trained with: the state dicts alone cannot tell. A spec without "preconditioning"
-    predates it and means "none"."""
-    if not isinstance(model, ScoreModel) or not isinstance(spec, dict):
-        return
-    if "parameterization" not in spec:
-        return
-    stored, mine = _meaning(spec), _meaning(model.config())
-    if mine != stored:
-        raise CheckpointError(
-            f"{str(path)!r} was trained with {stored}, but the model has {mine}; build the "
-            "model with the stored settings or use Trainer.from_checkpoint / load_model"
-        )
-
-
-def _check_state_compatible(what: str, module: nn.Module, state: dict[str, Tensor]) -> None:
-    """Raise CheckpointError unless `state` has exactly module's keys and shapes."""
-    own = module.state_dict()
-    if not isinstance(state, dict):
-        raise CheckpointError(f"the checkpoint's {what} entry is not a state dict")
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [
-        f"{k}: {tuple(getattr(state[k], 'shape', ()))} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong:
-            parts.append(f"shape mismatch {wrong[:5]}{' ...' if len(wrong) > 5 else ''}")
-        raise CheckpointError(
-            f"the checkpoint's {what} does not fit this model (a different architecture?): "
-            + "; ".join(parts)
-        )
-
-
-def _check_optimizer_compatible(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    groups = state.get("param_groups") if isinstance(state, dict) else None
-    if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
-        raise CheckpointError("the checkpoint's optimizer state does not fit this model")
-    for mine, theirs in zip(opt.param_groups, groups, strict=True):
-        if len(mine["params"]) != len(theirs.get("params", ())):
-            raise CheckpointError("the checkpoint's optimizer state does not fit this model")
-
-
-# --- the trainer ------------------------------------------------------------------------------
-
-
-def check_finite_rows(name: str, x: Tensor, where: str = "") -> None:
-    """Raise ValueError naming the first row of x `[N, *D]` that holds NaN or Inf."""
-    if not x.is_floating_point() or x.numel() == 0:
-        return
-    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-    if bool(bad.any()):
-        rows = torch.nonzero(bad).squeeze(1)
-        raise ValueError(
-            f"{name}{where} contains NaN or Inf values: row {int(rows[0])} is the first "
-            f"({rows.numel()} of {x.shape[0]} rows); remove or impute them before training"
-        )
-
-
-class _TensorBatches:
-    """Global batches of `batch_size` rows drawn with replacement by a seeded generator."""
-
-    def __init__(self, x: Tensor, y: Tensor | None, batch_size: int, gen: torch.Generator):
-        self.x, self.y, self.batch_size, self.gen = x, y, batch_size, gen
-
-    def next(self) -> tuple[Tensor, Tensor | None]:
-        idx = torch.randint(0, self.x.shape[0], (self.batch_size,), generator=self.gen)
-        return self.x[idx], (None if self.y is None else self.y[idx])
-
-
-class _IterableBatches:
-    """Batches from a DataLoader / iterable, restarted when exhausted (one per rank)."""
-
-    def __init__(self, data: Iterable[Any]) -> None:
-        self.data = data
-        self.it: Iterator[Any] = iter(data)
-        self.count = 0  # batches drawn, to name a bad one
-
-    def next(self) -> tuple[Tensor, Tensor | None]:
-        try:
-            item = next(self.it)
-        except StopIteration:
-            self.it = iter(self.data)
-            try:
-                item = next(self.it)
-            except StopIteration:
-                raise ValueError("data is an empty iterable") from None
-        self.count += 1
-        if torch.is_tensor(item):
-            return self._checked(item), None
-        if isinstance(item, (tuple, list)) and len(item) == 2 and torch.is_tensor(item[0]):
-            return self._checked(item[0]), item[1]
-        if isinstance(item, (tuple, list)) and len(item) == 1 and torch.is_tensor(item[0]):
-            return self._checked(item[0]), None
-        raise TypeError(
-            "an iterable data source must yield tensors x or pairs (x, labels), got "
-            f"{type(item).__name__}"
-        )
-
-    def _checked(self, x: Tensor) -> Tensor:
-        """Refuse NaN/Inf in a batch (CPU batches only: on a device it would cost a sync per
-        step; the non-finite-loss check catches those)."""
-        if x.device.type == "cpu" and x.ndim >= 1:
-            check_finite_rows("data", x, f" (batch {self.count} of the iterable)")
-        return x
-
-
-class Trainer:
+class Trainer(TrainerCheckpoints):
     """Trains `model` (a `ScoreModel` or any score-function nn.Module) on `loss`.
 
     Args:
@@ -658,24 +168,10 @@ class Trainer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss):
             raise TypeError(f"loss must be callable (e.g. DSMLoss), got {type(loss).__name__}")
-        self.lr = check_positive("lr", lr)
-        self.weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
-        self.decay_steps = (
-            None
-            if decay_steps is None
-            else check_positive_int("decay_steps", decay_steps, minimum=self.warmup_steps + 1)
+        self._set_optimisation(
+            lr, weight_decay, betas, batch_size, warmup_steps, decay_steps, min_lr_ratio
         )
-        self.min_lr_ratio = check_positive("min_lr_ratio", min_lr_ratio, allow_zero=True)
-        if self.min_lr_ratio > 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
-        self.grad_clip = None if not grad_clip else check_positive("grad_clip", grad_clip)
-        self.ema_decay = check_positive("ema_decay", ema_decay, allow_zero=True)
-        if self.ema_decay >= 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
-        self.ema_warmup = bool(ema_warmup)
+        self._set_stabilisation(grad_clip, ema_decay, ema_warmup)
         self.checkpoint_dir = _check_checkpoint_dir(checkpoint_dir)
         self.checkpoint_every = check_positive_int("checkpoint_every", checkpoint_every)
         self.keep_checkpoints = bool(keep_checkpoints)
@@ -720,18 +216,7 @@ class Trainer:
         ]
         self._train_model = self._wrap_ddp(self.model)
 
-        # foreach=True: the multi-tensor update (torch picks it only on CUDA by default).
-        self.optimizer = torch.optim.AdamW(
-            self._params,
-            lr=self.lr,
-            betas=self.betas,
-            weight_decay=self.weight_decay,
-            foreach=True,
-        )
-        # A lambda (not the bound method) so the scheduler state holds no callable.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda n: self._lr_factor(n)
-        )
+        self.optimizer, self.scheduler = self._make_optimizer()
         self._scaler = torch.amp.GradScaler("cuda") if self.mixed_precision == "fp16" else None
         # Same seeds on every rank: ranks draw identical global batches and keep slices.
         self._data_gen = torch.Generator().manual_seed(self.seed)
@@ -745,6 +230,55 @@ class Trainer:
         self._clock: tuple[float, float] = (0.0, 0.0)  # (perf_counter, seconds) at fit start
 
     # --- setup helpers ---
+    def _set_optimisation(
+        self,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        batch_size: int,
+        warmup_steps: int,
+        decay_steps: int | None,
+        min_lr_ratio: float,
+    ) -> None:
+        """Check and keep the AdamW and learning-rate schedule settings."""
+        self.lr = check_positive("lr", lr)
+        self.weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
+        self.decay_steps = (
+            None
+            if decay_steps is None
+            else check_positive_int("decay_steps", decay_steps, minimum=self.warmup_steps + 1)
+        )
+        self.min_lr_ratio = check_positive("min_lr_ratio", min_lr_ratio, allow_zero=True)
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+
+    def _set_stabilisation(
+        self, grad_clip: float | None, ema_decay: float, ema_warmup: bool
+    ) -> None:
+        """Check and keep the gradient clipping and EMA settings."""
+        self.grad_clip = None if not grad_clip else check_positive("grad_clip", grad_clip)
+        self.ema_decay = check_positive("ema_decay", ema_decay, allow_zero=True)
+        if self.ema_decay >= 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
+        self.ema_warmup = bool(ema_warmup)
+
+    def _make_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        """AdamW over the trainable parameters and its learning-rate schedule."""
+        # foreach=True: the multi-tensor update (torch picks it only on CUDA by default).
+        optimizer = torch.optim.AdamW(
+            self._params,
+            lr=self.lr,
+            betas=self.betas,
+            weight_decay=self.weight_decay,
+            foreach=True,
+        )
+        # A lambda (not the bound method) so the scheduler state holds no callable.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: self._lr_factor(n))
+        return optimizer, scheduler
+
     def _resolve_precision(self, mixed_precision: str | bool) -> str | None:
         if mixed_precision not in ("auto", "bf16", "fp16", True, False, None):
             raise ValueError(
@@ -787,34 +321,7 @@ class Trainer:
 
     # --- data ---
     def _batches(self, data: Any, labels: Any) -> _TensorBatches | _IterableBatches:
-        if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-            if labels is not None:
-                raise ValueError("labels given twice: in data=(x, y) and labels=")
-            data, labels = data
-        if torch.is_tensor(data):
-            if data.ndim < 2 or data.shape[0] == 0:
-                raise ValueError(
-                    f"data must be a non-empty tensor [N, *D], got {tuple(data.shape)}"
-                )
-            if not torch.is_floating_point(data):
-                raise TypeError(f"data must be floating point, got dtype {data.dtype}")
-            check_finite_rows("data", data)
-            if labels is not None:
-                labels = torch.as_tensor(labels)
-                if labels.shape != (data.shape[0],):
-                    raise ValueError(
-                        f"labels must have shape [N] = [{data.shape[0]}], got {tuple(labels.shape)}"
-                    )
-                labels = labels.long()
-            return _TensorBatches(data, labels, self.batch_size, self._data_gen)
-        if labels is not None:
-            raise ValueError("labels= is only used with tensor data; iterables yield (x, y)")
-        if isinstance(data, Iterable):
-            return _IterableBatches(data)
-        raise TypeError(
-            f"data must be a tensor [N, *D], a pair (x, labels) or an iterable of batches, "
-            f"got {type(data).__name__}"
-        )
+        return make_batches(data, labels, self.batch_size, self._data_gen)
 
     def _local(self, v: Tensor | None, global_batch: int) -> Tensor | None:
         """This rank's slice of a global-batch tensor."""
@@ -1085,168 +592,6 @@ class Trainer:
                     f"{self.step}; " + self._divergence_advice()
                 )
         return values
-
-    # --- checkpoints ---
-    def config(self) -> dict[str, Any]:
-        """The configuration stored in checkpoints (plain Python values and tensors)."""
-        model = self.model
-        cfg: dict[str, Any] = {
-            "trainer": {
-                "lr": self.lr,
-                "weight_decay": self.weight_decay,
-                "betas": list(self.betas),
-                "batch_size": self.batch_size,
-                "warmup_steps": self.warmup_steps,
-                "decay_steps": self.decay_steps,
-                "min_lr_ratio": self.min_lr_ratio,
-                "grad_clip": self.grad_clip,
-                "ema_decay": self.ema_decay,
-                "ema_warmup": self.ema_warmup,
-                "checkpoint_every": self.checkpoint_every,
-                "keep_checkpoints": self.keep_checkpoints,
-                "seed": self.seed,
-                "log_every": self.log_every,
-                "mixed_precision": self.mixed_precision,
-                "max_skipped_steps": self.max_skipped_steps,
-                "world_size": self.dist.world_size,
-            },
-            "model": model_spec(model),
-            "model_class": type(model).__name__,
-            "net_class": type(getattr(model, "net", model)).__name__,
-            "parameterization": getattr(model, "parameterization", None),
-            "sde": sde_config(model.sde) if isinstance(getattr(model, "sde", None), SDE) else None,
-            "loss": self.loss.config() if hasattr(self.loss, "config") else None,
-            "data_scaler": None if self.data_scaler is None else self.data_scaler.state_dict(),
-            "user": self.user_config,
-        }
-        return cfg
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: see the module docstring."""
-        rng = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "data": self._data_gen.get_state(),
-            "noise": self._noise_gen.get_state(),
-        }
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "ema": self.ema_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "grad_scaler": None if self._scaler is None else self._scaler.state_dict(),
-            "rng": rng,
-            "history": torch.tensor(self.history, dtype=torch.float64),
-            "config": self.config(),
-        }
-
-    def save(self, path: str | os.PathLike | None = None) -> Path | None:
-        """Write a checkpoint atomically (rank 0 only; other ranks return None).
-
-        Default path: `checkpoint_dir/latest.pt` (plus `step_XXXXXXXX.pt` with
-        keep_checkpoints). Returns the path written.
-        """
-        if not self.dist.is_main:
-            return None
-        if path is None:
-            if self.checkpoint_dir is None:
-                raise ValueError("path is required when the Trainer has no checkpoint_dir")
-            target = self.checkpoint_dir / LATEST
-        else:
-            target = Path(path)
-        self._check_finite_weights()
-        state = self.state_dict()
-        if path is None and self.keep_checkpoints:
-            _atomic_save(state, self.checkpoint_dir / f"step_{self.step:08d}.pt")
-        _atomic_save(state, target)
-        self._last_saved = (target, self.step)
-        return target
-
-    def save_pretrained(self, path: str | os.PathLike) -> Path | None:
-        """Export the EMA model and the data scaler as a `ScoreModel.save_pretrained`
-        folder (config.json + model.safetensors) that `ScoreModel.from_pretrained` reads
-        (rank 0 only; other ranks return None)."""
-        if not self.dist.is_main:
-            return None
-        if not isinstance(self.ema_model, ScoreModel):
-            raise TypeError(
-                f"save_pretrained needs a ScoreModel, the trainer holds {type(self.model).__name__}"
-            )
-        ema = self.ema_model
-        if getattr(ema, "spec", None) is None and getattr(self.model, "spec", None) is not None:
-            ema.spec = self.model.spec  # type: ignore[attr-defined]
-        return ema.save_pretrained(path, data_scaler=self.data_scaler)
-
-    def load(self, path: str | os.PathLike) -> Trainer:
-        """Restore a checkpoint written by `save` (a file, or a folder with `latest.pt`).
-
-        Everything is validated first; on any error (`CheckpointError`, FileNotFoundError)
-        the trainer is left unchanged. Returns self.
-        """
-        ckpt = read_checkpoint(path, map_location=self.device)
-        _check_same_semantics(self.model, ckpt["config"].get("model"), path)
-        _check_state_compatible("model", self.model, ckpt["model"])
-        _check_state_compatible("EMA model", self.ema_model, ckpt["ema"])
-        _check_optimizer_compatible(self.optimizer, ckpt["optimizer"])
-        rng = ckpt["rng"]
-        if not isinstance(rng, dict) or not {"torch", "data", "noise"} <= set(rng):
-            raise CheckpointError("the checkpoint's RNG states are incomplete")
-        try:
-            self.model.load_state_dict(ckpt["model"])
-            self.ema_model.load_state_dict(ckpt["ema"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            if self._scaler is not None and ckpt.get("grad_scaler") is not None:
-                self._scaler.load_state_dict(ckpt["grad_scaler"])
-            torch.set_rng_state(rng["torch"].cpu())
-            if rng.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-            self._data_gen.set_state(rng["data"].cpu())
-            self._noise_gen.set_state(rng["noise"].cpu())
-        except (RuntimeError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"could not restore {str(path)!r}: {err}") from err
-        self.step = int(ckpt["step"])
-        self.history = [float(v) for v in ckpt.get("history", torch.zeros(0)).tolist()]
-        scaler = ckpt["config"].get("data_scaler")
-        if scaler is not None:
-            self.data_scaler = DataScaler.from_state_dict(scaler)
-        return self
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | os.PathLike, *, loss: Callable[..., Tensor] | None = None, **overrides: Any
-    ) -> Trainer:
-        """Rebuild model (from the `build_model` spec it was saved with), loss and trainer
-        settings from a checkpoint alone, and load it.
-
-        `overrides` replace stored Trainer settings (e.g. checkpoint_dir=, device=,
-        distributed=). A model not made by `build_model` cannot be rebuilt: construct it and
-        call `Trainer(model, loss, ...).load(path)` instead.
-        """
-        ckpt = read_checkpoint(path)
-        cfg = ckpt["config"]
-        hint = "build the model yourself and call trainer.load(path)"
-        model = _rebuild_model(cfg, path, hint, ckpt["model"], "model")
-        if loss is None:
-            if not cfg.get("loss"):
-                raise CheckpointError(f"{str(path)!r} holds no loss config; pass loss=")
-            loss = build_loss(model.sde, cfg["loss"])
-        kwargs = dict(cfg["trainer"])
-        kwargs.pop("world_size", None)
-        kwargs["betas"] = tuple(kwargs["betas"])
-        kwargs["mixed_precision"] = kwargs["mixed_precision"] or False
-        if cfg.get("data_scaler") is not None:
-            kwargs["data_scaler"] = DataScaler.from_state_dict(cfg["data_scaler"])
-        kwargs["config"] = cfg.get("user") or {}
-        if "checkpoint_dir" not in overrides and Path(path).is_dir():
-            kwargs["checkpoint_dir"] = path
-        kwargs.update(overrides)
-        return cls(model, loss, **kwargs).load(path)
-
-    resume = from_checkpoint  # the name used by other training libraries
 
     def __repr__(self) -> str:
         return (

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import scoresde.recipes as recipes
 import scoresde.training as training
 from scoresde.data import DataScaler
 from scoresde.nets import MLPScoreNet, ScoreModel
@@ -108,13 +109,13 @@ def test_config_is_checked_against_the_weights_before_building(tmp_path: Path, m
     config["model"]["net_kwargs"]["hidden"] = 2048  # would be ~135 MB of parameters
     (folder / "config.json").write_text(json.dumps(config))
     devices = []
-    real = training.build_model
+    real = recipes.build_model
 
     def spy(*args, **kwargs):
         devices.append(torch.empty(0).device.type)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "build_model", spy)
+    monkeypatch.setattr(recipes, "build_model", spy)  # build_model's home
     with pytest.raises(CheckpointError, match=r"shape mismatch.*\(16, .*\) vs \(2048"):
         ScoreModel.from_pretrained(folder)
     assert devices == ["meta"]  # only the meta-device build ran: nothing was allocated

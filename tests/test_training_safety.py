@@ -217,7 +217,7 @@ def test_a_checkpoint_spec_is_checked_against_its_tensors_before_building(
     """Issue 16.5: a small file asking for hidden=2048 made the reader allocate the big
     network before noticing that the weights do not fit. Now the spec is built on the meta
     device (no memory) and compared first, in load_model, from_checkpoint and the CLI."""
-    import scoresde.training as training
+    import scoresde.recipes as recipes  # build_model's home (re-exported by training)
     from scoresde.cli import main
     from scoresde.training import CheckpointError, load_model
 
@@ -229,13 +229,13 @@ def test_a_checkpoint_spec_is_checked_against_its_tensors_before_building(
     torch.save(ckpt, tmp_path / "lying.pt")
 
     devices: list[str] = []
-    real = training.build_model
+    real = recipes.build_model
 
     def spy(*args, **kwargs):
         devices.append(torch.empty(0).device.type)  # the default device while building
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "build_model", spy)
+    monkeypatch.setattr(recipes, "build_model", spy)
     load_model(path)
     assert devices == ["meta", "cpu"]  # checked, then built
     for load in (load_model, Trainer.from_checkpoint):

@@ -70,7 +70,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         OSError,  # missing or unreadable files, unreadable images, a full disk
     ]
     try:
-        from scoresde.training import CheckpointError
+        from scoresde.checkpoints import CheckpointError
 
         errors.append(CheckpointError)
     except ImportError:

@@ -150,7 +150,7 @@ def _check_new_run_folder(ckpt_dir: Path, overwrite: bool) -> None:
     the run's outputs are then replaced). Stale checkpoint temp files do not count."""
     import fnmatch
 
-    from scoresde.training import LATEST, TEMP_FILE_PATTERNS
+    from scoresde.checkpoints import LATEST, TEMP_FILE_PATTERNS
 
     if overwrite or not ckpt_dir.is_dir():
         return
@@ -299,8 +299,8 @@ def _load_checkpoint(path: str, device: Any, *, ema: bool = True) -> tuple[Any, 
     """(model on `device` in eval mode, its DataScaler or None, the stored config) from a
     checkpoint file, a `scoresde train` folder or a `save_pretrained` folder (config.json +
     model.safetensors). Raises FileNotFoundError / CheckpointError."""
+    from scoresde.checkpoints import LATEST, load_model
     from scoresde.pretrained import is_pretrained_dir, load_pretrained, read_pretrained_config
-    from scoresde.training import LATEST, load_model
 
     if is_pretrained_dir(path) and not (Path(path) / LATEST).is_file():
         if not ema:

@@ -89,7 +89,8 @@ def _demo_train(
     from scoresde import toy
     from scoresde.data import DataScaler
     from scoresde.losses import DSMLoss
-    from scoresde.training import Trainer, build_model
+    from scoresde.recipes import build_model
+    from scoresde.training import Trainer
 
     progress = not args.quiet
     # Data, scaled to zero mean and unit variance (the VP prior's scale); samples are mapped

@@ -201,7 +201,8 @@ def _new_run(args: argparse.Namespace, ckpt_dir: Path, device: Any) -> tuple[Any
     """(Trainer, unscaled data, scaler) of a new run: load the data, fit the scaler, build
     the model from the options."""
     from scoresde.losses import DSMLoss
-    from scoresde.training import Trainer, build_model
+    from scoresde.recipes import build_model
+    from scoresde.training import Trainer
 
     x = _load_training_data(args)
     data_shape = tuple(x.shape[1:])
