@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-Tensor = torch.Tensor
+from scoresde._typing import Tensor
 
 
 def check_finite_rows(name: str, x: Tensor, where: str = "") -> None:

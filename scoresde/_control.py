@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde._validation import NonFiniteError
-
-Tensor = torch.Tensor
 
 __all__ = ["StepController", "ControllerState"]
 

@@ -36,9 +36,9 @@ from typing import Any
 import torch
 
 from scoresde._control import ControllerState, StepController
+from scoresde._typing import Tensor
 from scoresde._validation import NonFiniteError, check_choice, check_positive, check_positive_int
 
-Tensor = torch.Tensor
 State = Tensor | tuple[Tensor, ...]
 
 __all__ = ["PerSampleStats", "solve_per_sample", "rms_norm"]

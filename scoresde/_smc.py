@@ -35,10 +35,8 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import ScoreFn, Tensor
 from scoresde.samplers.base import CountedScore, NonFiniteGuard
-
-Tensor = torch.Tensor
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)

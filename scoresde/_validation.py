@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-Tensor = torch.Tensor
+from scoresde._typing import Tensor
 
 
 class NonFiniteError(FloatingPointError):

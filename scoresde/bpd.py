@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde._validation import check_choice, check_data, check_positive_int
-
-Tensor = torch.Tensor
 
 __all__ = ["bits_per_dim", "dequantization_offset"]
 

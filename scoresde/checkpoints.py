@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
+from scoresde._typing import Tensor
 from scoresde.data import DataScaler
 from scoresde.losses import build_loss
 from scoresde.nets.score_model import ScoreModel
@@ -33,7 +34,6 @@ from scoresde.sdes import SDE
 if TYPE_CHECKING:
     from scoresde.training import Trainer
 
-Tensor = torch.Tensor
 
 __all__ = [
     "CheckpointError",

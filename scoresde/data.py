@@ -30,9 +30,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from scoresde._typing import Tensor
 from scoresde._validation import check_choice, check_positive_int
-
-Tensor = torch.Tensor
 
 __all__ = ["load_data", "load_digits_split", "DataScaler", "DigitsSplit", "IMAGE_EXTENSIONS"]
 

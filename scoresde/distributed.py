@@ -31,9 +31,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from scoresde._typing import Tensor
 from scoresde._validation import check_positive_int
-
-Tensor = torch.Tensor
 
 __all__ = [
     "DistInfo",

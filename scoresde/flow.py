@@ -35,11 +35,10 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import ScoreFn, Tensor
 from scoresde._validation import NonFiniteError, broadcast_time, expand_like
 from scoresde.sdes import SDE
 
-Tensor = torch.Tensor
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 State = Tensor | tuple[Tensor, ...]
 
 __all__ = [

@@ -38,6 +38,7 @@ from scoresde._smc import (
     ParticleFilter,
     gaussian_transitions,
 )
+from scoresde._typing import ScoreFn, Tensor
 from scoresde._validation import (
     broadcast_time,
     check_bool,
@@ -57,9 +58,6 @@ from scoresde.inpainting import (  # noqa: F401 - re-exported: their home was th
     pc_inpaint,
     repaint_schedule,
 )
-
-Tensor = torch.Tensor
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = [
     "classifier_free_guidance",

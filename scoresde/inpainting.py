@@ -87,6 +87,7 @@ from scoresde._smc import (
     Transition,
     gaussian_transitions,
 )
+from scoresde._typing import ScoreFn, Tensor
 from scoresde._validation import (
     broadcast_time,
     check_bool,
@@ -97,9 +98,6 @@ from scoresde._validation import (
     expand_like,
 )
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = ["inpaint", "pc_inpaint", "repaint_schedule", "KNOWN_NOISE", "INPAINT_METHODS"]
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import ScoreFn, Tensor
 from scoresde._validation import (
     check_bool,
     check_choice,
@@ -67,9 +68,6 @@ from scoresde.vlb import (  # noqa: F401  (re-exported: ddpm_vlb lives in scores
     _discretized_gaussian_nll,
     ddpm_vlb,
 )
-
-Tensor = torch.Tensor
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = [
     "LikelihoodResult",

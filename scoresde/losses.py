@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from scoresde._typing import Tensor
 from scoresde._validation import (
     check_choice,
     check_data,
@@ -41,7 +42,6 @@ from scoresde._validation import (
 from scoresde.nets.score_model import ScoreModel
 from scoresde.sdes import SDE
 
-Tensor = torch.Tensor
 ScoreFn = Callable[..., Tensor]
 
 __all__ = ["DSMLoss", "DDPMLoss", "LossNoise", "WEIGHTINGS", "noise_prediction"]

@@ -26,9 +26,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde._validation import check_choice, check_data, check_positive_int
-
-Tensor = torch.Tensor
 
 __all__ = [
     "rms_error",

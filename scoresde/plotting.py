@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-Tensor = torch.Tensor
+from scoresde._typing import Tensor
 
 __all__ = [
     "new_figure",

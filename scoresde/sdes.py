@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from scoresde._typing import ScoreFn, Tensor
 from scoresde._validation import (
     as_tensor,
     broadcast_time,
@@ -29,9 +29,6 @@ from scoresde._validation import (
     expand_like,
     resolve_device_dtype,
 )
-
-Tensor = torch.Tensor
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "CosineVPSDE", "ReverseSDE"]
 

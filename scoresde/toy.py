@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde._validation import (
     broadcast_time,
     check_data,
@@ -23,8 +24,6 @@ from scoresde._validation import (
     resolve_device_dtype,
 )
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
 
 __all__ = [
     "GaussianMixture",

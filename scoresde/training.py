@@ -40,6 +40,7 @@ from torch import nn
 from scoresde import distributed as sdist
 from scoresde._batches import _IterableBatches, _TensorBatches, make_batches
 from scoresde._stopping import TrainingDivergedError, TrainingInterrupted, _StopSignals
+from scoresde._typing import Tensor
 from scoresde._validation import check_positive, check_positive_int
 from scoresde.checkpoints import (  # noqa: F401 - re-exported: their home was this module
     CHECKPOINT_FORMAT,
@@ -68,8 +69,6 @@ from scoresde.recipes import (  # noqa: F401 - re-exported: their home was this 
     sde_config,
 )
 from scoresde.runlog import MetricsLog, tensorboard_available
-
-Tensor = torch.Tensor
 
 __all__ = [
     "Trainer",

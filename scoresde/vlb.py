@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from scoresde._typing import ScoreFn, Tensor
 from scoresde._validation import check_choice, check_data, check_positive_int, expand_like
 from scoresde.bpd import _bin_width, _check_data_range
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = ["ddpm_vlb", "DECODERS", "VARIANCES"]
 

@@ -16,12 +16,11 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde.bench.peers import CountingScore
 from scoresde.bench.targets import TARGETS, at_one_time, make_sde, schedule_coefficients
 from scoresde.flow import ProbabilityFlow
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
 
 __all__ = ["run_likelihood", "torchdiffeq_log_likelihood"]
 

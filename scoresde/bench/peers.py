@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde.bench.targets import (
     _MixtureTables,
     _schedule_sq,
@@ -46,8 +47,6 @@ from scoresde.bench.targets import (
 )
 from scoresde.sdes import SDE
 from scoresde.toy import GaussianMixture
-
-Tensor = torch.Tensor
 
 __all__ = [
     "Problem",

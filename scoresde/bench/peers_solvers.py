@@ -8,11 +8,10 @@ from collections.abc import Callable
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde.bench.peers import EPS, Method, Problem, _continuous_endpoints, available
 from scoresde.bench.targets import _schedule_sq, at_one_time, schedule_coefficients
 from scoresde.flow import ProbabilityFlow
-
-Tensor = torch.Tensor
 
 __all__ = ["torchsde_methods", "torchdiffeq_methods"]
 

@@ -25,12 +25,11 @@ from typing import Any
 import torch
 
 from scoresde import metrics
+from scoresde._typing import Tensor
 from scoresde.bench.likelihood import run_likelihood
 from scoresde.bench.peers import CountingFn, Method, Problem, peer_methods, scoresde_methods
 from scoresde.bench.report import write_report
 from scoresde.bench.targets import TARGETS, make_sde, reference_solve
-
-Tensor = torch.Tensor
 
 __all__ = ["run", "run_accuracy", "run_overhead", "SUITES", "MODES"]
 

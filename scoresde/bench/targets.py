@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde.flow import ProbabilityFlow
 from scoresde.sdes import SDE, VESDE, VPSDE, SubVPSDE
 from scoresde.toy import GaussianMixture, benchmark_mixture_2d, eight_gaussians, random_mixture
-
-Tensor = torch.Tensor
 
 __all__ = [
     "Target",

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import ScoreFn, Tensor
 from scoresde._validation import (
     broadcast_time,
     check_choice,
@@ -35,9 +36,6 @@ from scoresde._validation import (
     expand_like,
 )
 from scoresde.sdes import SDE, VPSDE
-
-Tensor = torch.Tensor
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = [
     "score_fn_from_diffusers",

@@ -23,11 +23,12 @@ Both count their score evaluations in `.nfe`. Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from scoresde._typing import ScoreFn, Tensor
 from scoresde._validation import (
     broadcast_time,
     check_choice,
@@ -37,9 +38,6 @@ from scoresde._validation import (
 )
 from scoresde.flow import ProbabilityFlow
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = ["TorchsdeReverseSDE", "ProbabilityFlowODE", "to_torchsde", "to_torchdiffeq"]
 

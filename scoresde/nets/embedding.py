@@ -7,9 +7,8 @@ import math
 import torch
 from torch import nn
 
+from scoresde._typing import Tensor
 from scoresde._validation import check_choice, check_positive_int
-
-Tensor = torch.Tensor
 
 
 def _check_even_dim(dim: int) -> int:

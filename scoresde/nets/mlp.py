@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from scoresde._typing import Tensor
 from scoresde._validation import broadcast_time, check_positive_int
 from scoresde.nets.embedding import add_label_embedding, make_time_embedding
-
-Tensor = torch.Tensor
 
 
 class _ResidualBlock(nn.Module):

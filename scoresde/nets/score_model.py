@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scoresde._typing import Tensor
 from scoresde._validation import (
     broadcast_time,
     check_choice,
@@ -53,8 +54,6 @@ from scoresde._validation import (
     expand_like,
 )
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
 
 PARAMETERIZATIONS = ("score", "eps", "x0", "v")
 PRECONDITIONINGS = ("gaussian", "none")

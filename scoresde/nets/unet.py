@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scoresde._typing import Tensor
 from scoresde._validation import broadcast_time, check_positive_int
 from scoresde.nets.embedding import add_label_embedding, make_time_embedding
-
-Tensor = torch.Tensor
 
 
 def _groups(channels: int, max_groups: int = 8) -> int:

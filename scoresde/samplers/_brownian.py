@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-Tensor = torch.Tensor
+from scoresde._typing import Tensor
 
 
 def _take(a: Tensor, idx: Tensor | None) -> Tensor:

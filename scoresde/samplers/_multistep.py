@@ -34,10 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde.samplers.base import SamplingContext
 from scoresde.samplers.toolkit import Coefficients
-
-Tensor = torch.Tensor
 
 # 16-point Gauss–Legendre rule on [-1, 1]: exact for polynomials of degree 31; the
 # integrands e^u L_j(u) (polynomials of degree <= 4 times e^u) are resolved to round-off for

@@ -40,12 +40,11 @@ from typing import Any
 import torch
 
 from scoresde._control import ControllerState, StepController
+from scoresde._typing import Tensor
 from scoresde._validation import check_bool, check_eps, check_positive, check_positive_int
 from scoresde.samplers._brownian import BrownianMemory, _put, _take
 from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
 
 
 def _progress_bar(ctx: SamplingContext) -> Any:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from scoresde._typing import Callback, ScoreFn, Tensor
 from scoresde._validation import (
     NonFiniteError,
     broadcast_time,
@@ -32,10 +33,6 @@ from scoresde._validation import (
 )
 from scoresde.samplers.philox import PhiloxNormal
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
-Callback = Callable[[int, float, Tensor], "Tensor | None"]
 
 
 class CountedScore:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde._validation import check_bool, check_positive
 from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.samplers.toolkit import (
@@ -35,8 +36,6 @@ from scoresde.samplers.toolkit import (
     make_grid,
 )
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
 
 
 def ddim_coefficients(co: Coefficients, eta: float) -> list[tuple[float, float, float]]:

@@ -37,8 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from scoresde._typing import Tensor
 from scoresde._validation import check_bool, check_choice, check_positive_int
 from scoresde.samplers._multistep import (
     MultistepPlan,
@@ -58,8 +57,6 @@ from scoresde.samplers.toolkit import (
     make_grid,
 )
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
 
 
 class DPMSolverSampler(Sampler):

@@ -26,12 +26,11 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde._validation import check_bool, check_positive
 from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.samplers.toolkit import cached, check_grid, grid_key, make_grid
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
 
 
 class EDMSampler(Sampler):

@@ -17,10 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde._validation import check_eps, check_positive, check_positive_int
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
 
 GRIDS = ("uniform", "quadratic", "karras", "logsnr")
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde._validation import check_bool, check_data, check_positive, check_positive_int
 from scoresde.flow import (
     ADAPTIVE_METHODS,
@@ -51,8 +52,6 @@ from scoresde.samplers.base import (
 )
 from scoresde.samplers.toolkit import check_grid, make_grid
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
 
 __all__ = ["ODESampler", "FIXED_METHODS", "ADAPTIVE_METHODS"]
 __all__ += ["TORCHDIFFEQ_METHODS", "PER_SAMPLE_METHODS"]

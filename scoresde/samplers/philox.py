@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-Tensor = torch.Tensor
+from scoresde._typing import Tensor
 
 __all__ = ["philox4x32", "check_philox", "PhiloxNormal", "KNOWN_ANSWERS"]
 

@@ -26,8 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
+from scoresde._typing import Tensor
 from scoresde._validation import check_bool, check_choice, check_positive, check_positive_int
 from scoresde.samplers._multistep import (
     MultistepPlan,
@@ -46,8 +45,6 @@ from scoresde.samplers.toolkit import (
     make_grid,
 )
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
 
 __all__ = ["SASolverSampler"]
 

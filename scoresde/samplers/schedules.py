@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import ScoreFn, Tensor
 from scoresde._validation import (
     check_data,
     check_eps,
@@ -55,8 +56,6 @@ from scoresde.samplers.base import NonFiniteError, Sampler
 from scoresde.samplers.grids import GRIDS, time_grid
 from scoresde.sdes import SDE
 
-Tensor = torch.Tensor
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 SamplerFactory = Callable[[Tensor], Sampler]
 
 __all__ = [

@@ -35,13 +35,12 @@ from typing import Any
 
 import torch
 
+from scoresde._typing import Tensor
 from scoresde._validation import NonFiniteError, check_eps, check_positive_int
 from scoresde.flow import pf_coefficients
 from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.samplers.grids import GRIDS, time_grid
 from scoresde.sdes import SDE
-
-Tensor = torch.Tensor
 
 __all__ = [
     "Sampler",
