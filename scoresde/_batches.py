@@ -8,19 +8,7 @@ from typing import Any
 import torch
 
 from scoresde._typing import Tensor
-
-
-def check_finite_rows(name: str, x: Tensor, where: str = "") -> None:
-    """Raise ValueError naming the first row of x `[N, *D]` that holds NaN or Inf."""
-    if not x.is_floating_point() or x.numel() == 0:
-        return
-    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-    if bool(bad.any()):
-        rows = torch.nonzero(bad).squeeze(1)
-        raise ValueError(
-            f"{name}{where} contains NaN or Inf values: row {int(rows[0])} is the first "
-            f"({rows.numel()} of {x.shape[0]} rows); remove or impute them before training"
-        )
+from scoresde._validation import check_finite_rows
 
 
 class _TensorBatches:

@@ -148,3 +148,22 @@ def resolve_device_dtype(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     return device, dtype
+
+
+def check_finite_rows(name: str, x: Tensor, where: str = "") -> None:
+    """Raise ValueError if x `[N, *D]` holds NaN or Inf, naming the first offending rows
+    (`where` says which part of a larger source x is, e.g. " (batch 3 of the iterable)").
+
+    One isfinite reduction and one host read of its result; the rows are only located on
+    the failure path. Non-floating or empty tensors pass.
+    """
+    if not x.is_floating_point() or x.numel() == 0 or bool(torch.isfinite(x).all()):
+        return
+    rows = (~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)).nonzero().flatten()
+    count, total = int(rows.numel()), x.shape[0]
+    shown = ", ".join(str(int(r)) for r in rows[:5]) + (", ..." if count > 5 else "")
+    raise ValueError(
+        f"{name}{where} must be finite, but {count} of its {total} rows hold NaN or Inf "
+        f"(rows {shown}): row {int(rows[0])} is the first ({count} of {total} rows); remove "
+        "or impute them before training"
+    )

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from scoresde._typing import Tensor
-from scoresde._validation import check_choice, check_positive_int
+from scoresde._validation import check_choice, check_finite_rows, check_positive_int
 
 __all__ = ["load_data", "load_digits_split", "DataScaler", "DigitsSplit", "IMAGE_EXTENSIONS"]
 
@@ -60,19 +60,8 @@ def _to_tensor(name: str, array: Any, dtype: torch.dtype) -> Tensor:
     if t.shape[0] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
     t = t.to(dtype)
-    _check_finite_rows(name, t)
+    check_finite_rows(name, t)
     return t
-
-
-def _check_finite_rows(name: str, t: Tensor) -> None:
-    """Refuse NaN/Inf (also values that overflow the dtype), naming the first bad row."""
-    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
-    if bool(bad.any()):
-        rows = torch.nonzero(bad).squeeze(1)
-        raise ValueError(
-            f"{name} contains NaN or Inf values: row {int(rows[0])} is the first "
-            f"({rows.numel()} of {t.shape[0]} rows); remove or impute them"
-        )
 
 
 def _to_labels(name: str, labels: Any, n: int) -> Tensor:

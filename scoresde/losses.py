@@ -36,6 +36,7 @@ from scoresde._typing import Tensor
 from scoresde._validation import (
     check_choice,
     check_data,
+    check_finite_rows,
     check_positive,
     expand_like,
 )
@@ -126,23 +127,6 @@ def _reduce(sq: Tensor, reduce_mean: bool) -> Tensor:
     return flat.mean(dim=1) if reduce_mean else flat.sum(dim=1)
 
 
-def check_finite_data(name: str, x: Tensor) -> None:
-    """Raise ValueError if x `[B, *D]` holds NaN or Inf, naming the first offending rows.
-
-    One isfinite reduction and one host read of its result; the rows are only located on
-    the failure path.
-    """
-    if bool(torch.isfinite(x).all()):
-        return
-    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-    rows = bad.nonzero().flatten()
-    shown = ", ".join(str(int(r)) for r in rows[:5]) + (", ..." if rows.numel() > 5 else "")
-    raise ValueError(
-        f"{name} must be finite, but {int(rows.numel())} of its {x.shape[0]} rows hold NaN or "
-        f"Inf (rows {shown}); the loss would be NaN. Clean or drop them before training"
-    )
-
-
 def _check_finite_flag(value: Any) -> bool | None:
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"check_finite must be None, True or False, got {value!r}")
@@ -192,7 +176,7 @@ class _Loss:
             raise TypeError(f"model must be a callable score function, got {type(model).__name__}")
         check_data("x0", x0)
         if self.check_finite or (self.check_finite is None and x0.device.type == "cpu"):
-            check_finite_data("x0", x0)
+            check_finite_rows("x0", x0)
         if y is not None and (not torch.is_tensor(y) or y.shape[:1] != x0.shape[:1]):
             raise ValueError(
                 f"y must be a tensor of labels [B] = [{x0.shape[0]}], got "
