@@ -199,6 +199,23 @@ def _prepare_inpainting(
     return _Replacement(sde, x_known.detach(), mask, known_noise, generator)
 
 
+def _start(
+    sde: Any, x_known: Tensor, x_init: Tensor | None, generator: torch.Generator | None
+) -> Tensor:
+    """The state at T `[B, *D]`: the user's x_init (checked against x_known's shape) or a
+    prior draw, on x_known's device and dtype."""
+    if x_init is None:
+        return sde.prior_sampling(
+            tuple(x_known.shape), generator=generator, device=x_known.device, dtype=x_known.dtype
+        )
+    check_data("x_init", x_init)
+    if x_init.shape != x_known.shape:
+        raise ValueError(
+            f"x_init must have x_known's shape {tuple(x_known.shape)}, got {tuple(x_init.shape)}"
+        )
+    return x_init.detach().to(device=x_known.device, dtype=x_known.dtype)
+
+
 def _run_inpainting(
     sampler: Any,
     score_fn: ScoreFn,
@@ -212,18 +229,7 @@ def _run_inpainting(
     """Start from a prior draw with the known coordinates diffused to T, run the sampler with
     the replacement (and the user's callback) after every step, restore x_known exactly."""
     sde, x_known = sampler.sde, replace.x_known
-    if x_init is None:
-        x_init = sde.prior_sampling(
-            tuple(x_known.shape), generator=generator, device=x_known.device, dtype=x_known.dtype
-        )
-    else:
-        check_data("x_init", x_init)
-        if x_init.shape != x_known.shape:
-            raise ValueError(
-                f"x_init must have x_known's shape {tuple(x_known.shape)}, "
-                f"got {tuple(x_init.shape)}"
-            )
-    x_init = replace(-1, sde.T, x_init.to(device=x_known.device, dtype=x_known.dtype))
+    x_init = replace(-1, sde.T, _start(sde, x_known, x_init, generator))
 
     def after_step(step: int, t: Any, x: Tensor) -> Tensor:
         if replace_after_step:
@@ -496,18 +502,7 @@ def _repaint(
     if any(tr.t_next >= tr.t for tr in steps):
         raise ValueError("method='repaint' needs steps that advance in time (no corrector)")
     sde, x_known = sampler.sde, replace.x_known
-    if x_init is None:
-        x = sde.prior_sampling(
-            tuple(x_known.shape), generator=generator, device=x_known.device, dtype=x_known.dtype
-        )
-    else:
-        check_data("x_init", x_init)
-        if x_init.shape != x_known.shape:
-            raise ValueError(
-                f"x_init must have x_known's shape {tuple(x_known.shape)}, "
-                f"got {tuple(x_init.shape)}"
-            )
-        x = x_init.detach().to(device=x_known.device, dtype=x_known.dtype)
+    x = _start(sde, x_known, x_init, generator)
     score = CountedScore(score_fn)
     guard = NonFiniteGuard(x.device)
     x = replace(-1, steps[0].t, x)
