@@ -452,6 +452,17 @@ class ParticleFilter:
         )
         return x, log_w, info
 
+    def sample(self, sampler: Any, x_T: Tensor) -> tuple[Tensor, ConditionalInfo]:
+        """Run from x_T `[B K, *D]`, set `sampler.nfe`, and return one weighted draw per
+        item `[B, *D]` with the run's diagnostics (all particles and their log-weights)."""
+        try:
+            x, log_w, info = self.run(x_T)
+        finally:
+            sampler.nfe = self.score.nfe
+        info.particles = x.reshape(self.B, self.K, *x.shape[1:])
+        info.log_weights = log_w
+        return self.select(x, log_w), info
+
     def select(self, x: Tensor, log_w: Tensor) -> Tensor:
         """One particle per item drawn by its weight: `[B, *D]`."""
         idx = torch.multinomial(log_w.exp(), 1, generator=self.generator)[:, 0]

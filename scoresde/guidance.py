@@ -323,11 +323,5 @@ def smc_sample(
         progress=progress,
     )
     x_T = sde.prior_sampling((B * K, *shape[1:]), generator=generator, device=device, dtype=dtype)
-    try:
-        x, log_w, info = pf.run(x_T)
-    finally:
-        sampler.nfe = pf.score.nfe
-    out = pf.select(x, log_w)
-    info.particles = x.reshape(B, K, *x.shape[1:])
-    info.log_weights = log_w
+    out, info = pf.sample(sampler, x_T)
     return (out, info) if return_info else out

@@ -449,13 +449,7 @@ def _smc_inpaint(
     x_T = sampler.sde.prior_sampling(
         tuple(y.shape), generator=generator, device=x_known.device, dtype=x_known.dtype
     )
-    try:
-        x, log_w, info = pf.run(x_T)
-    finally:
-        sampler.nfe = pf.score.nfe
-    out = pf.select(x, log_w)
-    info.particles = x.reshape(B, K, *x.shape[1:])
-    info.log_weights = log_w
+    out, info = pf.sample(sampler, x_T)
     return torch.where(mask, x_known, out), info
 
 
