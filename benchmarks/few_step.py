@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -30,23 +29,12 @@ from scoresde.toy import GaussianMixture
 PEERS = ["diffusers UniPC", "diffusers DPM++ 2M", "diffusers DPM++ 3M"]
 
 
-def aniso_mixture_32d() -> GaussianMixture:
-    g = torch.Generator().manual_seed(1234)
-    k, d = 6, 32
-    means = 1.2 * torch.randn(k, d, generator=g, dtype=torch.float64)
-    q, _ = torch.linalg.qr(torch.randn(k, d, d, generator=g, dtype=torch.float64))
-    log_ev = math.log(0.002) + math.log(400.0) * torch.rand(k, d, generator=g, dtype=torch.float64)
-    covs = q @ torch.diag_embed(log_ev.exp()) @ q.mT
-    weights = 0.4 + torch.rand(k, generator=g, dtype=torch.float64)
-    return GaussianMixture(weights, means, 0.5 * (covs + covs.mT))
-
-
 def grid25() -> GaussianMixture:
     g = torch.linspace(-2, 2, 5, dtype=torch.float64)
     return GaussianMixture(torch.ones(25), torch.cartesian_prod(g, g), torch.full((25,), 0.0064))
 
 
-T.TARGETS.setdefault("aniso32d", T.Target("aniso32d", aniso_mixture_32d, 32, "held out"))
+T.TARGETS.setdefault("aniso32d", T.Target("aniso32d", T.aniso_mixture_32d, 32, "held out"))
 T.TARGETS.setdefault("grid25", T.Target("grid25", grid25, 2, "held out, 25 modes"))
 
 

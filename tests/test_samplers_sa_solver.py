@@ -12,23 +12,11 @@ import torch
 from _fast_samplers import GM, SDES, TRUE_NLL, draw
 
 from scoresde import SASolverSampler
+from scoresde.bench.targets import aniso_mixture_32d
 from scoresde.samplers import SAMPLERS, DDIMSampler, DPMSolverSampler
 from scoresde.samplers._multistep import sde_weights
 from scoresde.sdes import VPSDE
 from scoresde.toy import GaussianMixture
-
-
-def aniso_mixture_32d() -> GaussianMixture:
-    """6 components in 32-D, random rotations, covariance eigenvalues log-uniform in
-    [0.002, 0.8] (condition number 400), means ~ N(0, 1.2^2 I), unequal weights."""
-    g = torch.Generator().manual_seed(1234)
-    k, d = 6, 32
-    means = 1.2 * torch.randn(k, d, generator=g, dtype=torch.float64)
-    q, _ = torch.linalg.qr(torch.randn(k, d, d, generator=g, dtype=torch.float64))
-    log_ev = math.log(0.002) + math.log(400.0) * torch.rand(k, d, generator=g, dtype=torch.float64)
-    covs = q @ torch.diag_embed(log_ev.exp()) @ q.mT
-    weights = 0.4 + torch.rand(k, generator=g, dtype=torch.float64)
-    return GaussianMixture(weights, means, 0.5 * (covs + covs.mT))
 
 
 def mean_nll(gm: GaussianMixture, x: torch.Tensor) -> float:

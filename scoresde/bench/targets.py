@@ -72,6 +72,20 @@ TARGETS: dict[str, Target] = {
 }
 
 
+def aniso_mixture_32d() -> GaussianMixture:
+    """A target held out from tuning (the few-step benchmark and the SA-Solver tests):
+    6 components in 32-D, random rotations, covariance eigenvalues log-uniform in
+    [0.002, 0.8] (condition number 400), means ~ N(0, 1.2^2 I), unequal weights."""
+    g = torch.Generator().manual_seed(1234)
+    k, d = 6, 32
+    means = 1.2 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(k, d, d, generator=g, dtype=torch.float64))
+    log_ev = math.log(0.002) + math.log(400.0) * torch.rand(k, d, generator=g, dtype=torch.float64)
+    covs = q @ torch.diag_embed(log_ev.exp()) @ q.mT
+    weights = 0.4 + torch.rand(k, generator=g, dtype=torch.float64)
+    return GaussianMixture(weights, means, 0.5 * (covs + covs.mT))
+
+
 def make_sde(kind: str) -> SDE:
     """The benchmark SDEs: "vp" is DDPM's linear schedule 1e-4..0.02 over 1000 steps
     (beta_min = 0.1, beta_max = 20); "subvp" the same betas; "ve" sigma 0.01..50."""
