@@ -18,6 +18,16 @@ taken in int64 and wrap modulo 2^64 (two's complement, as every torch backend co
 it); the low and high words of the product are then exact. `check_philox(device)` runs the
 published known-answer vectors once per device type before first use and raises if the
 platform computes anything else.
+
+Speed (eager torch, any device): the four words travel as two packed int64 lanes, so a
+round is seven operations on contiguous int64 tensors (`_Rounds`); round 0, where only the
+draw word varies between draws, is computed once per shape and the draw word xored in
+(`_Workspace`); buffers are reused across draws. On the CPU, where each tensor operation is
+a pass over memory, the integer part and the uniforms are computed instead by a small C
+function compiled on first use when a C compiler is present (`_philox_native`; ~4x less
+time per draw); it is used only after reproducing the eager path bit for bit, and the
+Box-Muller floats are made by the same torch code either way, so the values never depend
+on it (`PhiloxNormal.use_native` switches it off; `benchmarks/philox.py` times both).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from typing import Any
 import torch
 
 from scoresde._typing import Tensor
+from scoresde.samplers import _philox_native
 
 __all__ = ["philox4x32", "check_philox", "PhiloxNormal", "KNOWN_ANSWERS"]
 
@@ -73,6 +84,35 @@ def _round_keys(key: tuple[int, int], device: torch.device) -> list[Tensor]:
         )
         for r in range(ROUNDS)
     ]
+
+
+_UNSET: Any = object()
+_NATIVE: Any = _UNSET  # the checked compiled uniforms, None if unavailable; set on first use
+
+
+def _native_uniforms() -> _philox_native.UniformsFn | None:
+    """The compiled CPU uniforms (`scoresde.samplers._philox_native`) once they have given
+    the eager path's values, bit for bit, for float32 and float64 in both layouts, across
+    the 2^32 wrap of the sample index and two keys; None if unavailable or different."""
+    global _NATIVE
+    if _NATIVE is _UNSET:
+        _NATIVE = None
+        fn = _philox_native.load()
+        if fn is not None:
+            agree = True
+            for key, offset in (((0, 0), 0), ((_MASK, 0x9ABCDEF0), 2**32 - 5)):
+                noise = PhiloxNormal(key, offset)
+                for dtype, inter in (
+                    (torch.float32, False),
+                    (torch.float32, True),
+                    (torch.float64, False),
+                ):
+                    spec = (7, 3, 2**32 - 2, 2, dtype, torch.device("cpu"))
+                    eager = noise._uniforms(*spec, None, inter)
+                    compiled = noise._uniforms(*spec, fn, inter)
+                    agree = agree and all(map(torch.equal, eager, compiled))
+            _NATIVE = fn if agree else None
+    return _NATIVE
 
 
 class _Rounds:
@@ -162,8 +202,13 @@ class PhiloxNormal:
         sample_offset: the global index of this batch's first sample (chunked or sharded
             runs pass where their samples start, so sample i is sample offset + i).
         max_cached_draws: draws of the same shape are computed this many at a time (fewer
-            for large tensors), which amortises the ~80 small tensor operations of ten
-            Philox rounds; values never depend on it.
+            for large tensors), which amortises the fixed cost of each tensor operation;
+            values never depend on it.
+
+    Attribute `use_native` (default True): on the CPU, let the compiled code of
+    `scoresde.samplers._philox_native` compute the integers and uniforms where it is
+    available; values never depend on it (it is used only after it has reproduced the
+    eager torch path bit for bit).
     """
 
     # Draws of one shape are precomputed until a chunk holds about this many values: on
@@ -187,6 +232,8 @@ class PhiloxNormal:
         self._cache_spec: tuple[Any, ...] | None = None
         self._keys: dict[torch.device, list[Tensor]] = {}
         self._work: _Workspace | None = None
+        self._floats: list[Tensor] | None = None
+        self.use_native = True
 
     @classmethod
     def from_generator(
@@ -238,6 +285,54 @@ class PhiloxNormal:
         blocks = -(-d // per_block)
         if blocks >= 2**32 or first_draw + num_draws > 2**32:
             raise ValueError("too many entries per sample or draws for the 32-bit counters")
+        # Entry e of a sample: block e // per_block, output e % per_block; outputs 0..half-1
+        # are the cosines, half.. the sines of the block's Box-Muller pairs.
+        half = per_block // 2
+        with_sin = d > half
+        slots = per_block if with_sin else half
+        out = torch.empty((num_draws, b, blocks, slots), dtype=_float(dtype), device=device)
+        native = _native_uniforms() if device.type == "cpu" and self.use_native else None
+        if native is not None and not wide and not with_sin:
+            # float32 cosines only: uniforms interleaved as the output, all contiguous
+            u1, u2 = self._uniforms(b, blocks, first_draw, num_draws, dtype, device, native, True)
+            _box_muller(u1, u2, [out.view(-1)], [], scratch=u2)
+        else:
+            # Output slot i (a strided view) gets row i % half of the cosines or sines: one
+            # operation per row, as writing a whole [rows, n] result transposed is far slower.
+            u1, u2 = self._uniforms(b, blocks, first_draw, num_draws, dtype, device, native)
+            outs = out.view(-1, slots).unbind(1)
+            scratch = self._floats[2] if native is not None and self._floats else None
+            _box_muller(u1, u2, outs[:half], outs[half:], scratch)
+        z = out.reshape(num_draws, b, -1)
+        if z.shape[-1] != d:
+            z = z[..., :d]
+        return z.to(dtype).reshape(num_draws, *shape)
+
+    def _uniforms(
+        self,
+        b: int,
+        blocks: int,
+        first_draw: int,
+        num_draws: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        native: _philox_native.UniformsFn | None = None,
+        interleaved: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """The Box-Muller uniforms (u1 in (0, 1], u2 in [0, 1)) of lanes i = (draw, sample,
+        block) in that order: float64 `[1, n]` each (from words (w0, w1) and (w2, w3)); for
+        other dtypes float32 pairs (w0, w1) and (w2, w3), `[2, n]` (a row per pair) or
+        `[1, 2n]` interleaved (lane i's pairs at 2i, 2i + 1). With `native` (on the CPU)
+        the compiled code computes them; otherwise the eager torch rounds."""
+        wide = dtype == torch.float64
+        n = num_draws * b * blocks
+        if native is not None:
+            shape = (1, n) if wide else ((1, 2 * n) if interleaved else (2, n))
+            u1, u2 = self._float_buffers(shape, _float(dtype))[:2]
+            k0, k1 = self.key
+            args = (num_draws, b, blocks, first_draw, self.sample_offset, k0, k1, int(wide))
+            native(*args, u1.data_ptr(), u2.data_ptr(), int(interleaved))
+            return u1, u2
         work = self._workspace(b, blocks, num_draws, device)
         # Round 0 with draw word 0 is cached (`_Workspace`); the draw word d enters round 0
         # only as `d << 32` xored into lane A (its c1), so it is xored in here.
@@ -250,28 +345,22 @@ class PhiloxNormal:
         torch.bitwise_xor(work.after_round0[0], draw, out=y[0])
         y[1].copy_(work.after_round0[1])
         y = work.rounds.run(self._round_keys(device), first_round=1)
-        # Entry e of a sample: block e // per_block, output e % per_block; outputs 0..half-1
-        # are the cosines, half.. the sines of the block's Box-Muller pairs.
-        half = per_block // 2
-        with_sin = d > half
-        slots = per_block if with_sin else half
-        out = torch.empty((num_draws, b, blocks, slots), dtype=_float(dtype), device=device)
         if wide:  # 53-bit uniforms: u1 in (0, 1] from (w0, w1), u2 in [0, 1) from (w2, w3)
             # lane (w_even << 32) | w_odd shifted right by 11: (w_even << 21) | (w_odd >> 11)
             bits = y.bitwise_right_shift(11).bitwise_and_((1 << 53) - 1)
             u = torch.mul(bits, _scalar(2.0**-53, torch.float64))  # exact int64 -> float64
-            u1, u2 = u[0].add_(2.0**-53), u[1]
-            u1, u2 = u1[None], u2[None]  # one row of pairs
-        else:  # 32-bit uniforms in float32: pairs (w0, w1) and (w2, w3)
-            u1, u2 = _uniforms_float32(y)
-        # Output slot i (a strided view) gets row i % half of the cosines or sines: one
-        # operation per row, as writing a whole [rows, n] result transposed is far slower.
-        outs = out.view(-1, slots).unbind(1)
-        _box_muller(u1, u2, outs[:half], outs[half:])
-        z = out.reshape(num_draws, b, -1)
-        if z.shape[-1] != d:
-            z = z[..., :d]
-        return z.to(dtype).reshape(num_draws, *shape)
+            return u[0:1].add_(2.0**-53), u[1:2]
+        u1, u2 = _uniforms_float32(y)
+        if interleaved:
+            u1, u2 = u1.T.reshape(1, -1), u2.T.reshape(1, -1)
+        return u1, u2
+
+    def _float_buffers(self, shape: tuple[int, int], dtype: torch.dtype) -> list[Tensor]:
+        """Three CPU buffers of `shape` reused across draws (fresh ones of ~100 kB would cost
+        page faults at every draw): the uniforms and a scratch tensor for `_box_muller`."""
+        if self._floats is None or self._floats[0].shape != shape or self._floats[0].dtype != dtype:
+            self._floats = [torch.empty(shape, dtype=dtype) for _ in range(3)]
+        return self._floats
 
     def _round_keys(self, device: torch.device) -> list[Tensor]:
         if device not in self._keys:
@@ -337,14 +426,20 @@ def _uniforms_float32(y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _box_muller(
-    u1: Tensor, u2: Tensor, cos_out: Sequence[Tensor], sin_out: Sequence[Tensor]
+    u1: Tensor,
+    u2: Tensor,
+    cos_out: Sequence[Tensor],
+    sin_out: Sequence[Tensor],
+    scratch: Tensor | None = None,
 ) -> None:
     """Row i of r cos(2 pi u2) into cos_out[i], of r sin(2 pi u2) into sin_out[i] (if given),
     r = sqrt(-2 log u1); u1 in (0, 1] so the log is finite (u1 and u2 `[rows, n]` are
-    overwritten)."""
+    overwritten; the cosines go to `scratch` if given, which may be u2 when no sines are
+    wanted)."""
     r = u1.log_().mul_(-2.0).sqrt_()
     theta = u2.mul_(2.0 * math.pi)
-    for row, (radius, cos) in enumerate(zip(r, theta.cos(), strict=True)):
+    cosines = theta.cos() if scratch is None else torch.cos(theta, out=scratch)
+    for row, (radius, cos) in enumerate(zip(r, cosines, strict=True)):
         torch.mul(radius, cos, out=cos_out[row])
     if sin_out:
         for row, (radius, sin) in enumerate(zip(r, theta.sin_(), strict=True)):
