@@ -3,8 +3,10 @@
 
 Measures, for one noise draw of shape (10,000, 2), the time of
   - torch.randn (one generator for the whole batch: not batch-invariant; the reference),
-  - PhiloxNormal as samplers use it (draws of one shape computed 13 at a time),
-  - PhiloxNormal one draw at a time,
+  - PhiloxNormal as samplers use it (on the CPU, draws of 10,000 x 2 computed 6 at a time,
+    integers and uniforms by the compiled code of scoresde.samplers._philox_native where a
+    C compiler is available),
+  - the same one draw at a time, and both with the eager torch code only,
   - the previous 32-bit hash + Box-Muller (re-implemented here for the comparison),
 in float32 and float64, interleaved, median of many repeats, as CPU time of this thread
 (the machine is shared: wall time would count the time other processes hold the core);
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from scoresde.samplers.philox import PhiloxNormal, philox4x32
+from scoresde.samplers.philox import PhiloxNormal, _native_uniforms, philox4x32
 
 CPU = torch.device("cpu")
 SHAPE = (10_000, 2)
@@ -79,12 +81,20 @@ def time_draws(repeats: int) -> dict[str, dict[str, float]]:
     for dtype in (torch.float32, torch.float64):
         cached = PhiloxNormal((1, 2))
         single = PhiloxNormal((1, 2), max_cached_draws=1)
+        eager = PhiloxNormal((1, 2))
+        eager.use_native = False
+        eager_single = PhiloxNormal((1, 2), max_cached_draws=1)
+        eager_single.use_native = False
         old = OldHashNoise(12345)
         gen = torch.Generator().manual_seed(0)
         methods = {
             "torch.randn": lambda g=gen, dt=dtype: torch.randn(SHAPE, generator=g, dtype=dt),
             "philox (as samplers use it)": lambda c=cached, dt=dtype: c.randn(SHAPE, CPU, dt),
             "philox, one draw at a time": lambda s=single, dt=dtype: s.randn(SHAPE, CPU, dt),
+            "philox, eager torch only": lambda e=eager, dt=dtype: e.randn(SHAPE, CPU, dt),
+            "philox, eager, one at a time": (
+                lambda e=eager_single, dt=dtype: e.randn(SHAPE, CPU, dt)
+            ),
             "old 32-bit hash": lambda o=old, dt=dtype: o.randn(SHAPE, dt),
         }
         samples: dict[str, list[float]] = {name: [] for name in methods}
@@ -93,7 +103,7 @@ def time_draws(repeats: int) -> dict[str, dict[str, float]]:
                 fn()
         for _ in range(repeats):
             for name, fn in methods.items():
-                block = 13  # one cache refill per block for the cached Philox stream
+                block = 12  # two cache refills (6 draws each) per block for cached streams
                 start = time.thread_time()
                 for _ in range(block):
                     fn()
@@ -167,7 +177,9 @@ def write_report(out: Path, result: dict) -> None:
         "# Per-sample noise: Philox-4x32-10 against torch.randn",
         "",
         f"One draw of shape {SHAPE[0]:,} x {SHAPE[1]}, median CPU microseconds of one thread "
-        f"over {result['repeats']} interleaved repeats ({result['machine']}).",
+        f"over {result['repeats']} interleaved repeats ({result['machine']}). Compiled CPU "
+        f"path (C, built on first use) {'used' if result['compiled_path'] else 'NOT available'}"
+        "; the eager rows run the same draws with torch operations only (identical values).",
         "",
         "| method | float32 us | x randn | float64 us | x randn |",
         "|---|---|---|---|---|",
@@ -225,6 +237,7 @@ def main() -> None:
     start = time.perf_counter()
     result = {
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "compiled_path": _native_uniforms() is not None,
         "shape": list(SHAPE),
         "repeats": repeats,
         "timing": time_draws(repeats),

@@ -139,3 +139,114 @@ def test_chunked_sampling_with_offsets_equals_one_batch() -> None:
         sampler.sample(score, (2, 2), generator=gen(), sample_offset=3)
     with pytest.raises(TypeError, match="batch_invariant must be a bool"):
         sampler.sample(score, (2, 2), generator=gen(), batch_invariant="yes")
+
+
+# --- the normals against a slow reference, and the compiled CPU path ------------------------
+
+
+def _reference_normals(
+    key: tuple[int, int], offset: int, shape: tuple[int, int], draw: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The documented layout, one Python-int Philox block at a time: sample s, draw d, block j
+    has counter (j, d, s mod 2^32, s div 2^32); float64 takes 53-bit uniforms from words
+    (w0, w1) and (w2, w3) and gives (r cos, r sin) of one Box-Muller pair; other dtypes take
+    float32 uniforms from single words and give (r1 cos, r2 cos, r1 sin, r2 sin) of the pairs
+    (w0, w1), (w2, w3). Box-Muller in torch, element by element in one flat tensor."""
+    b, d = shape
+    wide = dtype == torch.float64
+    per_block = 2 if wide else 4
+    blocks = -(-d // per_block)
+    u1, u2 = [], []
+    for i in range(b):
+        s = offset + i
+        for j in range(blocks):
+            w = _reference((j, draw, s & MASK, s >> 32), key)
+            if wide:
+                u1.append(((w[0] << 21) | (w[1] >> 11)) + 1)
+                u2.append((w[2] << 21) | (w[3] >> 11))
+            else:
+                u1 += [w[0], w[2]]
+                u2 += [w[1], w[3]]
+    if wide:  # exact: integers below 2^53 + 1 times a power of two
+        v1 = torch.tensor(u1, dtype=torch.float64) * 2.0**-53
+        v2 = torch.tensor(u2, dtype=torch.float64) * 2.0**-53
+    else:  # each word rounded once to float32, then float32 arithmetic
+        v1 = (torch.tensor(u1, dtype=torch.int64).to(torch.float32) + 1.0) * 2.0**-32
+        v2 = torch.tensor(u2, dtype=torch.int64).to(torch.float32) * 2.0**-32
+    r = torch.sqrt(torch.log(v1) * -2.0)
+    theta = v2 * (2.0 * math.pi)
+    cos, sin = r * torch.cos(theta), r * torch.sin(theta)
+    if wide:
+        z = torch.stack([cos, sin], dim=1)  # [blocks * b, 2]
+    else:
+        z = torch.stack([cos[0::2], cos[1::2], sin[0::2], sin[1::2]], dim=1)
+    return z.reshape(b, blocks * per_block)[:, :d].to(dtype)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_normals_match_the_reference_across_32_bit_wraps(native) -> None:
+    cpu = torch.device("cpu")
+    rng = random.Random(5)
+    keys = [(rng.getrandbits(32), rng.getrandbits(32)), (MASK, MASK)]
+    # sample indices crossing 2^32 (its low word wraps, its high word counts) and the last
+    # draw numbers before 2^32
+    for key, offset, draw in ((keys[0], 2**32 - 3, 7), (keys[1], 2**40 - 2, 2**32 - 2)):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            for shape in ((6, 1), (5, 2), (4, 7), (3, 9)):
+                noise = PhiloxNormal(key, sample_offset=offset)
+                noise.use_native = native
+                got = noise.normals(shape, cpu, dtype, first_draw=draw)[0]
+                want = _reference_normals(key, offset, shape, draw, dtype)
+                assert torch.equal(got, want), (key, offset, draw, dtype, shape)
+
+
+def test_philox4x32_at_the_wraparound_words() -> None:
+    words = (0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, MASK)
+    rng = random.Random(9)
+    counters = [tuple(rng.choice(words) for _ in range(4)) for _ in range(300)]
+    for key in ((MASK, MASK), (0x80000000, 0x7FFFFFFF), (0, 0)):
+        out = philox4x32(torch.tensor(counters, dtype=torch.int64).T, key)
+        assert [tuple(col) for col in out.T.tolist()] == [_reference(c, key) for c in counters]
+
+
+def test_compiled_path_gives_the_eager_values_in_every_layout() -> None:
+    # Identical values with and without the compiled CPU code (if this machine cannot build
+    # it, both sides are eager and the test still checks the cached multi-draw path).
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        for shape in ((10_000, 2), (257, 3), (33, 8, 3), (5, 1)):
+            compiled, eager = (
+                PhiloxNormal((11, 12), 2**32 - 100),
+                PhiloxNormal((11, 12), 2**32 - 100),
+            )
+            eager.use_native = False
+            for _ in range(3):  # single draws and one multi-draw fill
+                assert torch.equal(
+                    compiled.randn(shape, cpu, dtype), eager.randn(shape, cpu, dtype)
+                )
+            many = compiled.normals(shape, cpu, dtype, first_draw=2**32 - 4, num_draws=4)
+            for k in range(4):
+                one = eager.normals(shape, cpu, dtype, first_draw=2**32 - 4 + k)[0]
+                assert torch.equal(many[k], one)
+
+
+def test_a_compiled_path_that_disagrees_is_not_used(monkeypatch) -> None:
+    import scoresde.samplers.philox as philox
+
+    def wrong(*args) -> None:  # leaves the uniforms as they were: never the eager values
+        return None
+
+    # switched off by the environment, nothing is built or loaded
+    with monkeypatch.context() as m:
+        m.setenv("SCORESDE_NATIVE_PHILOX", "0")
+        assert philox._philox_native.load() is None
+    monkeypatch.setattr(philox, "_NATIVE", philox._UNSET)
+    monkeypatch.setattr(philox._philox_native, "load", lambda: wrong)
+    assert philox._native_uniforms() is None
+    noise = PhiloxNormal((1, 2))
+    eager = PhiloxNormal((1, 2))
+    eager.use_native = False
+    cpu = torch.device("cpu")
+    assert torch.equal(
+        noise.randn((50, 2), cpu, torch.float32), eager.randn((50, 2), cpu, torch.float32)
+    )

@@ -359,7 +359,8 @@ class PhiloxNormal:
         """Three CPU buffers of `shape` reused across draws (fresh ones of ~100 kB would cost
         page faults at every draw): the uniforms and a scratch tensor for `_box_muller`."""
         if self._floats is None or self._floats[0].shape != shape or self._floats[0].dtype != dtype:
-            self._floats = [torch.empty(shape, dtype=dtype) for _ in range(3)]
+            # NaN-filled: compiled code that wrote nothing cannot pass `_native_uniforms`' check
+            self._floats = [torch.full(shape, math.nan, dtype=dtype) for _ in range(3)]
         return self._floats
 
     def _round_keys(self, device: torch.device) -> list[Tensor]:
