@@ -250,3 +250,15 @@ def test_a_compiled_path_that_disagrees_is_not_used(monkeypatch) -> None:
     assert torch.equal(
         noise.randn((50, 2), cpu, torch.float32), eager.randn((50, 2), cpu, torch.float32)
     )
+
+
+def test_float32_uniforms_without_unsigned_dtypes(monkeypatch) -> None:
+    # torch < 2.3 has no uint32: the words are then masked int64, with the same values.
+    import scoresde.samplers.philox as philox
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(philox, "_UINT32", None)
+    noise = PhiloxNormal((3, 4), sample_offset=2**32 - 2)
+    noise.use_native = False
+    got = noise.normals((5, 6), cpu, torch.float32, first_draw=1)[0]
+    assert torch.equal(got, _reference_normals((3, 4), 2**32 - 2, (5, 6), 1, torch.float32))

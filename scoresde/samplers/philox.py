@@ -100,14 +100,16 @@ def _native_uniforms() -> _philox_native.UniformsFn | None:
         fn = _philox_native.load()
         if fn is not None:
             agree = True
+            f32, f64 = torch.float32, torch.float64
+            # (samples, blocks, first draw, draws, dtype, interleaved): both counter fills
+            # of the C code, more than one of its 256-lane chunks, every output layout
+            specs = [(7, 3, 2**32 - 2, 2, f32, False), (7, 3, 2**32 - 2, 2, f32, True)]
+            specs += [(7, 3, 2**32 - 2, 2, f64, False), (300, 1, 5, 1, f32, True)]
+            specs += [(300, 1, 5, 1, f32, False), (300, 1, 5, 1, f64, False)]
             for key, offset in (((0, 0), 0), ((_MASK, 0x9ABCDEF0), 2**32 - 5)):
                 noise = PhiloxNormal(key, offset)
-                for dtype, inter in (
-                    (torch.float32, False),
-                    (torch.float32, True),
-                    (torch.float64, False),
-                ):
-                    spec = (7, 3, 2**32 - 2, 2, dtype, torch.device("cpu"))
+                for b, blocks, first, draws, dtype, inter in specs:
+                    spec = (b, blocks, first, draws, dtype, torch.device("cpu"))
                     eager = noise._uniforms(*spec, None, inter)
                     compiled = noise._uniforms(*spec, fn, inter)
                     agree = agree and all(map(torch.equal, eager, compiled))
