@@ -209,13 +209,13 @@ def write_report(out: Path, result: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 4))
     names = list(t32)
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], [t32[n] for n in names], width=0.4, label="float32")
     ax.bar([x + 0.2 for x in xs], [t64[n] for n in names], width=0.4, label="float64")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels(names, fontsize=7)
+    ax.set_xticklabels(names, fontsize=7, rotation=20, ha="right")
     ax.set_ylabel("us per 10,000 x 2 draw")
     ax.set_title("per-sample noise cost (median, 1 CPU thread)", fontsize=9)
     ax.legend(fontsize=8)

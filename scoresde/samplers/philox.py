@@ -419,7 +419,8 @@ def _uniforms_float32(y: Tensor) -> tuple[Tensor, Tensor]:
     """u1 = (w_even + 1) 2^-32 in (0, 1] and u2 = w_odd 2^-32 in [0, 1), float32 `[2, n]`,
     from the packed lanes `y` `[2, n]`: pairs (w0, w1) in row 0, (w2, w3) in row 1 (each word
     rounded to float32 first, then the arithmetic in float32)."""
-    if _UINT32 is not None:  # the words read in place as unsigned 32-bit halves
+    if _UINT32 is not None and y.device.type == "cpu":  # words read in place as uint32
+        # (CPU only: other backends' support for uint32 operands is more recent)
         words = y.view(_UINT32).view(*y.shape, 2)
         even, odd = words[..., _HI], words[..., _LO]
     else:
