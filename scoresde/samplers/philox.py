@@ -190,8 +190,8 @@ def check_philox(device: torch.device | str) -> None:
         if got != list(want):
             raise RuntimeError(
                 f"Philox-4x32-10 gives {[hex(v) for v in got]} instead of the published "
-                f"{[hex(v) for v in want]} on {device.type}: int64 multiplication does not "
-                "wrap modulo 2^64 on this platform; per-sample noise is not available"
+                f"{[hex(v) for v in want]} on {device.type}: int64 multiplication or shifts do "
+                "not wrap modulo 2^64 on this platform; per-sample noise is not available"
             )
     _CHECKED.add(device.type)
 
@@ -215,9 +215,9 @@ class PhiloxNormal:
 
     # Draws of one shape are precomputed until a chunk holds about this many values: on
     # accelerators this amortises the kernel launches; on the CPU it amortises the ~1 us
-    # fixed cost of each of the ~80 tensor operations a draw takes, while the chunk's
-    # buffers (~80 bytes a value) still fit in a core's cache (measured: 4-6 draws of
-    # 10,000 x 2 at a time are ~20% cheaper per draw than one, 13 no better than 4).
+    # fixed cost of each tensor operation (~80 a draw in eager torch, ~12 with the compiled
+    # part), while the chunk's buffers still fit in a core's cache (measured on 10,000 x 2:
+    # 4-6 draws at a time ~15-20% cheaper per draw than one, 13 no better than 4).
     _CACHE_ELEMENTS = {"cpu": 1 << 17}
     _CACHE_ELEMENTS_DEFAULT = 1 << 20
 
