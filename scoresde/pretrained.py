@@ -4,6 +4,10 @@
     model = ScoreModel.from_pretrained("my-model", device="cuda")
     samples = model.data_scaler.inverse_transform(sampler.sample(model, (64, 2)))
 
+`calibration.json` (only when `model.calibrations` is not empty) holds sampler calibrations
+fitted for these weights (`ScoreModel.calibrate`, `scoresde.calibration`); a save without
+calibrations removes a stale one.
+
 `config.json` holds the `build_model` spec of the model (`scoresde.recipes.model_spec`:
 SDE, network name and kwargs, data shape, class count and ScoreModel's own options such as
 the parameterization), the weights' dtype and the `DataScaler` (kind, shift, scale as
@@ -117,7 +121,25 @@ def save_pretrained(
         folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT})
     )
     _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    _save_calibrations(model, folder)
     return folder
+
+
+def _save_calibrations(model: ScoreModel, folder: Path) -> None:
+    """calibration.json for the model's calibrations; none: remove a stale file (it was
+    fitted for the weights just replaced)."""
+    from scoresde.calibration import CALIBRATION_NAME, same_config, save_calibrations
+
+    cals = list(getattr(model, "calibrations", None) or [])
+    sde = model.sde.config()
+    for cal in cals:
+        if not same_config(cal.sde, sde):
+            raise ValueError(f"a calibration for the SDE {cal.sde} cannot be saved with {sde}")
+    if cals:
+        save_calibrations(folder / CALIBRATION_NAME, cals)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / CALIBRATION_NAME).unlink()
 
 
 def read_pretrained_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -181,9 +203,17 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str | None =
     except (ValueError, TypeError, RuntimeError) as err:
         raise CheckpointError(f"{str(folder)!r}: bad data_scaler entry: {err}") from err
     model.data_scaler = scaler
+    model.calibrations = _load_calibrations(folder)
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def _load_calibrations(folder: Path) -> list[Any]:
+    from scoresde.calibration import CALIBRATION_NAME, load_calibrations
+
+    file = folder / CALIBRATION_NAME
+    return load_calibrations(file) if file.is_file() else []
 
 
 class _Shape:

@@ -66,10 +66,40 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="samples.npz", help="output .npz (default samples.npz)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="ignore a saved model's calibration.json (by default a time grid calibrated for "
+        "exactly this sampler and step count, by ScoreModel.calibrate, is used; the grid used "
+        "is printed)",
+    )
     _overwrite_option(p, "replace an existing --out file (and the PNG beside it)")
     _common(p)
     p.set_defaults(func=_cmd_sample)
     return p
+
+
+def _use_calibration(args: argparse.Namespace, model: Any, sampler: Any) -> Any:
+    """The sampler with the model's calibrated grid when one matches it (and
+    --no-calibration is not given); says which grid is used."""
+    from scoresde.calibration import calibrated_sampler
+
+    cals = getattr(model, "calibrations", None) or []
+    grid = getattr(sampler, "time_grid", None)
+    if not cals:
+        if isinstance(grid, str):
+            _say(args, f"time grid: {grid} (default; the model holds no calibration)")
+        return sampler
+    if args.no_calibration:
+        _say(args, f"time grid: {grid} (default; --no-calibration: {len(cals)} ignored)")
+        return sampler
+    tuned, cal = calibrated_sampler(model, sampler)
+    if cal is None:
+        have = ", ".join(f"{c.sampler} {c.num_steps} steps" for c in cals)
+        _say(args, f"time grid: {grid} (default; no calibration matches, the model has: {have})")
+        return sampler
+    _say(args, f"time grid: {cal.describe()}")
+    return tuned
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -86,6 +116,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     info, device = sdist.setup(None, device)  # under torchrun: join the process group
     model, scaler, cfg = _load_checkpoint(args.checkpoint, device, ema=not args.no_ema)
     sampler = _make_sampler(args.sampler, model.sde, args.steps, args.rtol)
+    sampler = _use_calibration(args, model, sampler)
     data_shape = tuple(cfg["model"]["data_shape"])
     start = time.perf_counter()
     # Global batches of --batch-size, each with per-sample noise streams: the samples are

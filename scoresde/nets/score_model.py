@@ -110,6 +110,9 @@ class ScoreModel(nn.Module):
         self.scale_input = bool(scale_input)
         self.preconditioning = check_choice("preconditioning", preconditioning, PRECONDITIONINGS)
         self.sigma_data = check_positive("sigma_data", sigma_data)
+        # Sampler calibrations fitted for these weights (`calibrate`); saved by
+        # `save_pretrained` as calibration.json, restored by `from_pretrained`.
+        self.calibrations: list[Any] = []
 
     # --- configuration and saving ---
     @classmethod
@@ -132,6 +135,7 @@ class ScoreModel(nn.Module):
         The data scaler is `data_scaler` if given, else `self.data_scaler` (set by
         `from_pretrained`) if any. Needs a model whose spec is known: one made by
         `scoresde.training.build_model`, or an `MLPScoreNet` / `UNet` in a built-in SDE.
+        `self.calibrations` (see `calibrate`), if any, go to `path/calibration.json`.
         """
         from scoresde.pretrained import save_pretrained
 
@@ -149,6 +153,41 @@ class ScoreModel(nn.Module):
         from scoresde.pretrained import load_pretrained
 
         return load_pretrained(path, device=device)
+
+    def calibrate(
+        self, sampler: Any, *, data_shape: tuple[int, ...] | None = None, **kwargs: Any
+    ) -> Any:
+        """Tune `sampler`'s time grid for this model once (`scoresde.calibration.calibrate`:
+        `optimize_time_grid` on pilot draws, its NFE counted) and keep the result in
+        `self.calibrations` (replacing one for the same configuration), so that
+        `save_pretrained` saves it and `scoresde sample` uses it. Returns the `Calibration`.
+
+        Args:
+            sampler: a deterministic fixed-step sampler of this model's SDE with its default
+                grid, e.g. `DPMSolverSampler(model.sde, 10)`.
+            data_shape: one sample's shape (default: the model spec's, if it is complete).
+            kwargs: `num_pilot` (512), `max_evals`, `generator`, `device` and `dtype`
+                (default: the weights').
+        """
+        from scoresde.calibration import calibrate
+
+        if data_shape is None:
+            from scoresde.recipes import model_spec
+
+            spec = model_spec(self) or {}
+            data_shape = tuple(spec.get("data_shape") or ())
+            if not data_shape or 0 in data_shape:
+                raise ValueError("data_shape is not known from the model spec: pass it")
+        param = next(self.parameters(), None)
+        if param is not None:  # the pilots and the reference solve in the weights' dtype
+            kwargs.setdefault("dtype", param.dtype)
+            kwargs.setdefault("device", param.device)
+            if kwargs["dtype"] != torch.float64:  # dopri5 at rtol 1e-7 needs float64
+                kwargs.setdefault("reference_rtol", 1e-5)
+        cal = calibrate(self, sampler, data_shape=tuple(data_shape), **kwargs)
+        keep = [c for c in self.calibrations if not c.matches(sampler, self.sde)]
+        self.calibrations = [*keep, cal]
+        return cal
 
     def _coefficients(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         alpha = expand_like(self.sde.alpha(t), x)

@@ -201,6 +201,7 @@ def optimize_time_grid(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
+    info: dict[str, Any] | None = None,
 ) -> Tensor:
     """A time grid `[num_steps + 1]` (float64, CPU; T down to eps) tuned for one model.
 
@@ -235,6 +236,8 @@ def optimize_time_grid(
             the global RNG, so tuning does not shift a later evaluation's noise).
         device: where the pilots live (default: the generator's device, else CPU).
         dtype: dtype of the pilots, the reference and the tuning runs (float64 recommended).
+        info: a dict to fill with "initial_error" and "error" (RMS pathwise error on the
+            pilots with `init` and with the returned grid) and "evaluations" (sampler runs).
 
     Returns:
         The tuned grid, strictly decreasing, `grid[0] = T`, `grid[-1] = eps`; never worse on
@@ -275,7 +278,11 @@ def optimize_time_grid(
     res = minimize(
         objective, start, method="Nelder-Mead", options=_nm_options(start, budget, init_err)
     )
-    return grid_map(res.x if float(res.fun) < init_err else start)
+    improved = float(res.fun) < init_err
+    if info is not None:
+        info.update(initial_error=init_err, error=float(res.fun) if improved else init_err)
+        info["evaluations"] = int(res.nfev) + 1
+    return grid_map(res.x if improved else start)
 
 
 def _nm_options(x0: list[float], budget: int, scale: float) -> dict[str, Any]:
