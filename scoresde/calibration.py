@@ -112,7 +112,8 @@ class Calibration:
     """A time grid tuned for one model and one sampler configuration (see the module doc).
 
     sampler: registry name ("dpm", "ddim"); num_steps; settings: the sampler's other
-    constructor arguments; time_grid: num_steps + 1 floats from T down to eps; sde: the SDE's
+    constructor arguments; time_grid: num_steps + 1 floats from T down to eps; base_grid:
+    the sampler's own named grid it replaces and started from ("quadratic"); sde: the SDE's
     config; nfe: score evaluations spent (each on all num_pilot draws, the reference solve
     included); pilot_error / initial_error: RMS pathwise error on the pilots with the tuned /
     the sampler's own grid; seconds: wall time of the calibration.
@@ -122,6 +123,7 @@ class Calibration:
     num_steps: int
     settings: dict[str, Any]
     time_grid: list[float]
+    base_grid: str
     sde: dict[str, Any]
     nfe: int
     num_pilot: int
@@ -134,17 +136,17 @@ class Calibration:
         """The tuned grid `[num_steps + 1]` (float64, CPU)."""
         return torch.tensor(self.time_grid, dtype=torch.float64)
 
-    def matches(self, sampler: Any, sde: Any = None) -> bool:
+    def matches(self, sampler: Any) -> bool:
         """True if `sampler` is the configuration this was tuned for: same registry name,
-        step count and settings, the default (string) time grid, and the same SDE config
-        (`sde`, default the sampler's)."""
+        step count and settings, the named time grid it was tuned from (not a tensor), and
+        the same SDE config."""
         try:
             name, steps, settings = sampler_settings(sampler)
         except (TypeError, ValueError):
             return False
-        if not isinstance(sampler.time_grid, str):
-            return False  # the user chose a grid: never overridden
-        cfg = (sampler.sde if sde is None else sde).config()
+        if sampler.time_grid != self.base_grid:
+            return False  # another named grid, or the user's own tensor: never overridden
+        cfg = sampler.sde.config()
         return (
             name == self.sampler
             and steps == self.num_steps
@@ -189,6 +191,8 @@ class Calibration:
             raise ValueError(f"time_grid must be num_steps + 1 numbers, got {grid!r}")
         if not all(a > b for a, b in zip(grid, grid[1:], strict=False)):
             raise ValueError("time_grid must be strictly decreasing")
+        if not isinstance(data["base_grid"], str):
+            raise ValueError(f"base_grid must be a grid name, got {data['base_grid']!r}")
         if not isinstance(data["settings"], dict) or not isinstance(data["sde"], dict):
             raise ValueError("settings and sde must be JSON objects")
         return cls(**{**data, "time_grid": [float(v) for v in grid]})
@@ -261,6 +265,7 @@ def calibrate(
         num_steps=steps,
         settings=settings,
         time_grid=grid.tolist(),
+        base_grid=sampler.time_grid,
         sde=_plain(sde.config()),
         nfe=count["nfe"],
         num_pilot=int(num_pilot),
@@ -270,11 +275,11 @@ def calibrate(
     )
 
 
-def find_calibration(calibrations: Any, sampler: Any, sde: Any = None) -> Calibration | None:
+def find_calibration(calibrations: Any, sampler: Any) -> Calibration | None:
     """The last calibration in `calibrations` that matches `sampler` (see
     `Calibration.matches`), or None."""
     for cal in reversed(list(calibrations or [])):
-        if cal.matches(sampler, sde):
+        if cal.matches(sampler):
             return cal
     return None
 
@@ -282,7 +287,10 @@ def find_calibration(calibrations: Any, sampler: Any, sde: Any = None) -> Calibr
 def calibrated_sampler(model: Any, sampler: Any) -> tuple[Any, Calibration | None]:
     """(`sampler` with the model's matching calibrated grid, that Calibration) or
     (`sampler`, None) when the model holds no calibration for exactly this configuration."""
-    cal = find_calibration(getattr(model, "calibrations", None), sampler, getattr(model, "sde", None))
+    cal = find_calibration(getattr(model, "calibrations", None), sampler)
+    sde = getattr(model, "sde", None)
+    if cal is not None and sde is not None and not same_config(sde.config(), cal.sde):
+        cal = None  # a sampler of another SDE than the model's
     return (sampler, None) if cal is None else (cal.make_sampler(sampler.sde), cal)
 
 

@@ -185,7 +185,7 @@ class ScoreModel(nn.Module):
             if kwargs["dtype"] != torch.float64:  # dopri5 at rtol 1e-7 needs float64
                 kwargs.setdefault("reference_rtol", 1e-5)
         cal = calibrate(self, sampler, data_shape=tuple(data_shape), **kwargs)
-        keep = [c for c in self.calibrations if not c.matches(sampler, self.sde)]
+        keep = [c for c in self.calibrations if not c.matches(sampler)]
         self.calibrations = [*keep, cal]
         return cal
 
