@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
