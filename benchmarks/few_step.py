@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from scoresde import DPMSolverSampler, SASolverSampler, optimize_time_grid
+from scoresde import DPMSolverSampler, SASolverSampler
 from scoresde.bench import targets as T
 from scoresde.bench.peers import CountingScore
 from scoresde.bench.runner import _all_methods, run_accuracy
+from scoresde.calibration import calibrate
 from scoresde.toy import GaussianMixture
 
 PEERS = ["diffusers UniPC", "diffusers DPM++ 2M", "diffusers DPM++ 3M"]
@@ -56,20 +56,16 @@ def vs_peers(n: int) -> list[dict]:
         z = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         ref = T.reference_solve(sde, gm, z, sde.T, 1e-3)
         default = rms(DPMSolverSampler(sde, 10).sample(score, (0,), x_init=z), ref)
-        start, score.nfe = time.perf_counter(), 0
-        grid = optimize_time_grid(
-            lambda g, sde=sde: DPMSolverSampler(sde, len(g) - 1, time_grid=g),
+        cal = calibrate(  # what ScoreModel.calibrate does for a model (NFE counted)
             score,
-            sde,
-            10,
+            DPMSolverSampler(sde, 10),
             data_shape=(gm.dim,),
             num_pilot=512,
             max_evals=150,
             generator=torch.Generator().manual_seed(1),
         )
-        cal_nfe, cal_s = score.nfe, time.perf_counter() - start
-        tuned = DPMSolverSampler(sde, 10, time_grid=grid)
-        calibrated = rms(tuned.sample(score, (0,), x_init=z), ref)
+        cal_nfe, cal_s = cal.nfe, cal.seconds
+        calibrated = rms(cal.make_sampler(sde).sample(score, (0,), x_init=z), ref)
         row = dict(target=name, best_peer=best[1], best_peer_err=best[0], peers=peers)
         row.update(default=default, calibrated=calibrated, calib_nfe=cal_nfe, calib_s=cal_s)
         rows.append(row)

@@ -184,3 +184,53 @@ def test_shapes_dtype_determinism() -> None:
 def test_validation(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         DPMSolverSampler(VPSDE(), **kwargs)
+
+
+def test_interpolation_in_t_weights_are_exact_for_polynomials_in_t() -> None:
+    """interpolation="t": the weights integrate alpha_s e^u P(t(lambda_s + u)) exactly for P of
+    degree < number of nodes (here t(lambda) of the VP SDE, P quadratic, three nodes); an
+    affine variable gives the lambda weights themselves."""
+    from scipy.integrate import quad
+
+    from scoresde.samplers._multistep import _shifted, time_variable
+
+    sde = VPSDE()
+    lam_nodes = [0.9, 0.3, -0.4]  # lambda of u_i, u_{i-1}, u_{i-2}; step to lambda_s = 1.6
+    lam_s, alpha = 1.6, 0.7
+    h = lam_s - lam_nodes[0]
+    var = time_variable(sde)
+    nodes = [lam - lam_s for lam in lam_nodes]
+    ws = exp_integral_weights(h, nodes, alpha, _shifted(var, lam_s))
+
+    def poly(t: float) -> float:
+        return 0.3 - 1.7 * t + 2.2 * t * t
+
+    def t_of(lam: float) -> float:
+        return var([lam])[0]
+
+    exact = alpha * quad(lambda u: math.exp(u) * poly(t_of(lam_s + u)), -h, 0.0, epsabs=1e-14)[0]
+    got = sum(w * poly(t_of(lam)) for w, lam in zip(ws, lam_nodes, strict=True))
+    assert got == pytest.approx(exact, rel=1e-11)
+    affine = exp_integral_weights(h, nodes, alpha, lambda us: [3.0 - 2.0 * u for u in us])
+    assert affine == pytest.approx(exp_integral_weights(h, nodes, alpha), rel=1e-12)
+
+
+def test_interpolation_in_t_converges_and_equals_lambda_under_ve() -> None:
+    from scoresde import VESDE
+
+    x_T = torch.randn(300, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ve = VESDE()
+    a = DPMSolverSampler(ve, 8, interpolation="t").sample(
+        SMOOTH.score_fn(ve), (0,), x_init=x_T * 50
+    )
+    b = DPMSolverSampler(ve, 8).sample(SMOOTH.score_fn(ve), (0,), x_init=x_T * 50)
+    assert torch.allclose(a, b, rtol=0, atol=1e-9)  # lambda is affine in t for VE
+    sde = VPSDE()
+    ref = pf_ode_reference(sde, SMOOTH, x_T, 1e-3)
+    steps, errors = [32, 64, 128], []
+    for n in steps:
+        sampler = DPMSolverSampler(sde, n, interpolation="t")
+        errors.append(rms(sampler.sample(SMOOTH.score_fn(sde), (0,), x_init=x_T), ref))
+    assert fitted_order(steps, errors) > 3.5, errors  # 3M + corrector: order 4
+    with pytest.raises(ValueError, match="interpolation"):
+        DPMSolverSampler(sde, 8, interpolation="sigma")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -54,30 +55,41 @@ def _gauss_legendre() -> tuple[list[float], list[float]]:
     return _GL
 
 
-def exp_integral_weights(h: float, nodes: list[float], alpha_s: float) -> list[float]:
-    """w_j = alpha_s int_{-h}^{0} e^u L_j(u) du for the Lagrange basis on `nodes` (u = lambda -
-    lambda_s, so nodes lie in [-h, 0] for a corrector and at or left of -h for a predictor)."""
+VarFn = Callable[[list[float]], list[float]]
+
+
+def exp_integral_weights(
+    h: float, nodes: list[float], alpha_s: float, var: VarFn | None = None
+) -> list[float]:
+    """w_j = alpha_s int_{-h}^{0} e^u L_j(v(u)) du for the Lagrange basis on the nodes
+    v(nodes) (u = lambda - lambda_s, so nodes lie in [-h, 0] for a corrector and at or left
+    of -h for a predictor). `var` maps a list of u to the interpolation variable v (default
+    v = u: the polynomial in lambda; an affine v gives the same weights)."""
     if len(nodes) == 1:
         return [-alpha_s * math.expm1(-h)]  # exact: alpha_s (1 - e^{-h})
     xs, ws = _gauss_legendre()
+    us = [0.5 * h * (xq - 1.0) for xq in xs]
+    vq, vn = (us, nodes) if var is None else (var(us), var(nodes))
     out = []
-    for j, nu_j in enumerate(nodes):
+    for j, nu_j in enumerate(vn):
         total = 0.0
-        for xq, wq in zip(xs, ws, strict=True):
-            u = 0.5 * h * (xq - 1.0)
+        for u, v, wq in zip(us, vq, ws, strict=True):
             basis = 1.0
-            for m, nu_m in enumerate(nodes):
+            for m, nu_m in enumerate(vn):
                 if m != j:
-                    basis *= (u - nu_m) / (nu_j - nu_m)
+                    basis *= (v - nu_m) / (nu_j - nu_m)
             total += wq * math.exp(u) * basis
         out.append(alpha_s * 0.5 * h * total)
     return out
 
 
-def sde_weights(h: float, nodes: list[float], alpha_s: float, tau: float) -> list[float]:
-    """w_j = alpha_s int_{-h}^0 r e^{r u} L_j(u) du, r = 1 + tau^2 (tau = 0: the ODE's)."""
+def sde_weights(
+    h: float, nodes: list[float], alpha_s: float, tau: float, var: VarFn | None = None
+) -> list[float]:
+    """w_j = alpha_s int_{-h}^0 r e^{r u} L_j(v(u)) du, r = 1 + tau^2 (tau = 0: the ODE's)."""
     r = 1.0 + tau * tau
-    return exp_integral_weights(r * h, [r * nu for nu in nodes], alpha_s)
+    scaled = None if var is None else (lambda us: var([w / r for w in us]))
+    return exp_integral_weights(r * h, [r * nu for nu in nodes], alpha_s, scaled)
 
 
 def step_orders(lam: list[float], order: int, lower_order_final: bool) -> list[int]:
@@ -145,22 +157,25 @@ def make_plan(
     pred_orders: list[int],
     corr_orders: list[int],
     taus: list[float],
+    var: Callable[[list[float]], list[float]] | None = None,
 ) -> MultistepPlan:
     """The plan for a grid: `pred_orders[i]` past values in step i's predictor,
     `corr_orders[i]` values (the new one and corr_orders[i] - 1 past ones) in its corrector
     (0: none; the last step never has one: it would cost an extra evaluation), `taus[i]` its
-    noise level."""
+    noise level. `var` maps lambda values to the variable in which the data prediction is
+    interpolated (None: lambda itself)."""
     n = len(co.t) - 1
     slots = max(max(pred_orders), max(corr_orders, default=0), 1)
     ratio, noise, pred, corr = [], [], [], []
     for i in range(n):
         tau, lam_s, a_s = taus[i], co.lam[i + 1], co.alpha[i + 1]
         h = lam_s - co.lam[i]
+        step_var = None if var is None else _shifted(var, lam_s)
         ratio.append(co.sigma[i + 1] / co.sigma[i] * math.exp(-tau * tau * h))
         noise.append(co.sigma[i + 1] * math.sqrt(-math.expm1(-2.0 * tau * tau * h)))
         k = pred_orders[i]
         idx = [i - j for j in range(k)]  # grid indices of u_i, u_{i-1}, ...
-        w = sde_weights(h, [co.lam[j] - lam_s for j in idx], a_s, tau)
+        w = sde_weights(h, [co.lam[j] - lam_s for j in idx], a_s, tau, step_var)
         row = [0.0] * slots
         for j, wj in zip(idx, w, strict=True):
             row[j % slots] += wj / co.alpha[j]  # the loop holds alpha_j x0_j, not x0_j
@@ -170,7 +185,7 @@ def make_plan(
             corr.append(None)
             continue
         cidx = [i + 1 - j for j in range(kc)]  # u_{i+1}, u_i, ...
-        wc = sde_weights(h, [co.lam[j] - lam_s for j in cidx], a_s, tau)
+        wc = sde_weights(h, [co.lam[j] - lam_s for j in cidx], a_s, tau, step_var)
         crow = [0.0] * slots
         for j, wj in zip(cidx, wc, strict=True):
             crow[j % slots] += wj / co.alpha[j]
@@ -178,6 +193,23 @@ def make_plan(
         corr.append([c - p for c, p in zip(crow, row, strict=True)])
     s2 = [s * s for s in co.sigma]
     return MultistepPlan(ratio, noise, pred, corr, s2, slots)
+
+
+def _shifted(var: VarFn, lam_s: float) -> VarFn:
+    """u -> var(lam_s + u) on lists."""
+    return lambda us: var([lam_s + u for u in us])
+
+
+def time_variable(sde: Any) -> VarFn:
+    """lambda -> t on lists (`sde.t_from_log_snr`; lambda is half the log-SNR): interpolating
+    the data prediction as a polynomial in t rather than lambda (DEIS's "tAB", in the data
+    prediction; `DPMSolverSampler(interpolation="t")`)."""
+
+    def var(lams: list[float]) -> list[float]:
+        lam = torch.tensor(lams, dtype=torch.float64)
+        return sde.t_from_log_snr(2.0 * lam).to(torch.float64).tolist()
+
+    return var
 
 
 def run_plan(
