@@ -3,18 +3,22 @@ that were never used to choose settings, with and without a calibrated time grid
 order/grid options on held-in and held-out targets; stochastic samplers at 10-20 NFE.
 
 Usage: python benchmarks/few_step.py [--n 1500] [--out benchmarks/results]
-Writes few_step.json and few_step.md. About 10 minutes on a shared 2-core CPU.
+Writes few_step.json and few_step.md. About 20 minutes on a shared 2-core CPU.
 
-Held-out targets (defined here, never used to tune a default): "aniso32d", 6 components in
-32-D with covariance eigenvalues log-uniform in [0.002, 0.8] (the same mixture as
-tests/test_samplers_sa_solver.py), and "grid25", 25 isotropic modes (std 0.08) on a 5 x 5
-grid in 2-D. Held-in: PEERS.md's 2-D mixture and mix16d; also the VE SDE.
+Held-out targets (defined here, never used to tune a setting; they decide whether an option
+that wins on the held-in ones becomes a default): "aniso32d", 6 components in 32-D with
+covariance eigenvalues log-uniform in [0.002, 0.8] (the same mixture as
+tests/test_samplers_sa_solver.py); "grid25", 25 isotropic modes (std 0.08) on a 5 x 5 grid in
+2-D; "aniso8d", 3 components in 8-D with condition number 1e4; "modes64", 64 modes in 8-D;
+"mix128d", 3 components in 128-D; also VE and sub-VP SDEs. Held-in: PEERS.md's 2-D mixture
+and mix16d.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -34,8 +38,42 @@ def grid25() -> GaussianMixture:
     return GaussianMixture(torch.ones(25), torch.cartesian_prod(g, g), torch.full((25,), 0.0064))
 
 
+def aniso8d() -> GaussianMixture:
+    """3 components in 8-D, covariance eigenvalues log-uniform in [1e-4, 1] (condition 1e4)."""
+    g = torch.Generator().manual_seed(77)
+    k, d = 3, 8
+    means = torch.randn(k, d, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(k, d, d, generator=g, dtype=torch.float64))
+    log_ev = math.log(1e-4) + math.log(1e4) * torch.rand(k, d, generator=g, dtype=torch.float64)
+    covs = q @ torch.diag_embed(log_ev.exp()) @ q.mT
+    return GaussianMixture(torch.ones(k), means, 0.5 * (covs + covs.mT))
+
+
+def modes64() -> GaussianMixture:
+    """64 isotropic modes (std 0.1) at uniform random places in [-2, 2]^8."""
+    g = torch.Generator().manual_seed(78)
+    means = 4 * torch.rand(64, 8, generator=g, dtype=torch.float64) - 2
+    return GaussianMixture(torch.ones(64), means, torch.full((64,), 0.01))
+
+
+def mix128d() -> GaussianMixture:
+    """3 components in 128-D, covariance eigenvalues log-uniform in [0.01, 1]."""
+    g = torch.Generator().manual_seed(79)
+    k, d = 3, 128
+    means = 0.7 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(k, d, d, generator=g, dtype=torch.float64))
+    log_ev = math.log(0.01) + math.log(100.0) * torch.rand(k, d, generator=g, dtype=torch.float64)
+    covs = q @ torch.diag_embed(log_ev.exp()) @ q.mT
+    return GaussianMixture(torch.ones(k), means, 0.5 * (covs + covs.mT))
+
+
 T.TARGETS.setdefault("aniso32d", T.Target("aniso32d", T.aniso_mixture_32d, 32, "held out"))
 T.TARGETS.setdefault("grid25", T.Target("grid25", grid25, 2, "held out, 25 modes"))
+T.TARGETS.setdefault("aniso8d", T.Target("aniso8d", aniso8d, 8, "held out, condition 1e4"))
+T.TARGETS.setdefault("modes64", T.Target("modes64", modes64, 8, "held out, 64 modes in 8-D"))
+T.TARGETS.setdefault("mix128d", T.Target("mix128d", mix128d, 128, "held out, 128-D"))
+HELD_IN = ("mixture2d", "mix16d")
+HELD_OUT = ("aniso32d", "grid25", "aniso8d", "modes64", "mix128d")
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,11 +81,12 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def vs_peers(n: int) -> list[dict]:
-    """ode_err at 10 NFE: the best diffusers scheduler, the default DPMSolverSampler and the
-    default with a grid from optimize_time_grid (512 pilot draws of another seed)."""
+    """ode_err at 10 NFE: the best diffusers scheduler, the default DPMSolverSampler, the
+    opt-in interpolation="t", and each with a grid calibrated for it (`calibrate`, what
+    `ScoreModel.calibrate` runs: 512 pilot draws of another seed, 150 evaluations)."""
     methods = _all_methods()
     rows = []
-    for name in ("mixture2d", "mix16d", "aniso32d", "grid25"):
+    for name in HELD_IN + HELD_OUT:
         res = run_accuracy(name, [methods[m] for m in PEERS], (10,), n=n)
         peers = {r["method"]: r.get("ode_err") for r in res["rows"]}
         best = min((v, k) for k, v in peers.items() if v is not None)
@@ -55,19 +94,23 @@ def vs_peers(n: int) -> list[dict]:
         score = CountingScore(sde, gm)
         z = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         ref = T.reference_solve(sde, gm, z, sde.T, 1e-3)
-        default = rms(DPMSolverSampler(sde, 10).sample(score, (0,), x_init=z), ref)
-        cal = calibrate(  # what ScoreModel.calibrate does for a model (NFE counted)
-            score,
-            DPMSolverSampler(sde, 10),
-            data_shape=(gm.dim,),
-            num_pilot=512,
-            max_evals=150,
-            generator=torch.Generator().manual_seed(1),
-        )
-        cal_nfe, cal_s = cal.nfe, cal.seconds
-        calibrated = rms(cal.make_sampler(sde).sample(score, (0,), x_init=z), ref)
-        row = dict(target=name, best_peer=best[1], best_peer_err=best[0], peers=peers)
-        row.update(default=default, calibrated=calibrated, calib_nfe=cal_nfe, calib_s=cal_s)
+        row = dict(target=name, held_out=name in HELD_OUT, best_peer=best[1])
+        row.update(best_peer_err=best[0], peers=peers)
+        for key, sampler in (
+            ("default", DPMSolverSampler(sde, 10)),
+            ("interp_t", DPMSolverSampler(sde, 10, interpolation="t")),
+        ):
+            row[key] = rms(sampler.sample(score, (0,), x_init=z), ref)
+            cal = calibrate(  # what ScoreModel.calibrate does for a model (NFE counted)
+                score,
+                sampler,
+                data_shape=(gm.dim,),
+                num_pilot=512,
+                max_evals=150,
+                generator=torch.Generator().manual_seed(1),
+            )
+            row[f"{key}_cal"] = rms(cal.make_sampler(sde).sample(score, (0,), x_init=z), ref)
+            row[f"{key}_cal_nfe"], row[f"{key}_cal_s"] = cal.nfe, cal.seconds
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -78,6 +121,7 @@ OPTIONS = {
     "2M + corrector, quadratic": dict(order=2),
     "3M + corrector, logSNR": dict(order=3, time_grid="logsnr"),
     "2M, quadratic, no corrector": dict(order=2, corrector=False),
+    "3M + corrector, quadratic, interpolation t": dict(interpolation="t"),
 }
 
 
@@ -85,7 +129,9 @@ def options(n: int) -> list[dict]:
     """ode_err of DPMSolverSampler options at 10 and 20 NFE on every target."""
     rows = []
     cases = [("vp", t) for t in ("mixture2d", "mix16d", "ring2d", "aniso2d", "mix64d")]
-    cases += [("vp", "aniso32d"), ("vp", "grid25"), ("ve", "mixture2d"), ("ve", "mix16d")]
+    cases += [("vp", t) for t in HELD_OUT]
+    cases += [("ve", "mixture2d"), ("ve", "mix16d"), ("ve", "aniso32d"), ("ve", "modes64")]
+    cases += [("subvp", "aniso8d")]
     for sde_kind, name in cases:
         gm, sde = T.TARGETS[name].mixture(), T.make_sde(sde_kind)
         z = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -135,18 +181,22 @@ def stochastic(n: int) -> list[dict]:
 def markdown(res: dict) -> str:
     out = ["# Few-step sampling (benchmarks/few_step.py)", ""]
     out += [f"Command: `python benchmarks/few_step.py --n {res['n']}`", ""]
-    out += ["## ode_err at 10 NFE against diffusers' best", ""]
+    out += ["## ode_err at 10 NFE against diffusers' best (ratio: diffusers / scoresde)", ""]
     out += [
-        "| target | best diffusers (which) | default `DPMSolverSampler(sde, 10)` | ratio "
-        "| calibrated grid | ratio | calibration cost |",
+        "| target | best diffusers (which) | default `DPMSolverSampler(sde, 10)` "
+        '| calibrated | `interpolation="t"` | t, calibrated | calibration cost |',
         "|---|---|---|---|---|---|---|",
     ]
     for r in res["vs_peers"]:
+        best = r["best_peer_err"]
+        cells = [f"{r[k]:.4f} ({best / r[k]:.2f}x)" for k in ("default", "default_cal")]
+        cells += [f"{r[k]:.4f} ({best / r[k]:.2f}x)" for k in ("interp_t", "interp_t_cal")]
+        tag = " (held out)" if r["held_out"] else ""
         out.append(
-            f"| {r['target']} | {r['best_peer_err']:.4f} ({r['best_peer']}) | {r['default']:.4f} "
-            f"| {r['best_peer_err'] / r['default']:.2f}x | {r['calibrated']:.4f} "
-            f"| {r['best_peer_err'] / r['calibrated']:.2f}x "
-            f"| {r['calib_nfe']} NFE, {r['calib_s']:.0f} s |"
+            f"| {r['target']}{tag} | {best:.4f} ({r['best_peer']}) | "
+            + " | ".join(cells)
+            + f" | {r['default_cal_nfe']} / {r['interp_t_cal_nfe']} NFE, "
+            f"{r['default_cal_s']:.0f} / {r['interp_t_cal_s']:.0f} s |"
         )
     out += ["", "## DPMSolverSampler options: ode_err at 10 / 20 NFE", ""]
     out += ["| SDE | target | " + " | ".join(OPTIONS) + " |"]
