@@ -76,8 +76,8 @@ def repl(m):
         lines = (R / f"{key}.md").read_text().splitlines()[1:]  # the page has its title
         body = "\n".join(ln for ln in lines if not ln.startswith("Command:"))
         return demote(demote(body)).strip()
-    if key == "few_step":
-        lines = (R / "few_step.md").read_text().splitlines()[1:]  # the page has its title
+    if key in ("few_step", "few_step_variants"):
+        lines = (R / f"{key}.md").read_text().splitlines()[1:]  # the page has its title
         body = "\n".join(ln for ln in lines if not ln.startswith("Command:"))
         return demote(body).strip()
     if key == "trained":
