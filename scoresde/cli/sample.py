@@ -86,8 +86,9 @@ def _use_calibration(args: argparse.Namespace, model: Any, sampler: Any) -> Any:
 
     cals = getattr(model, "calibrations", None) or []
     grid = getattr(sampler, "time_grid", None)
+    grid = grid if isinstance(grid, str) else "the sampler's own"
     if not cals:
-        if isinstance(grid, str):
+        if hasattr(sampler, "time_grid"):
             _say(args, f"time grid: {grid} (default; the model holds no calibration)")
         return sampler
     if args.no_calibration:
