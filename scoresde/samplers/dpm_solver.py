@@ -83,9 +83,10 @@ class DPMSolverSampler(Sampler):
         interpolation: the variable in which the past data predictions are interpolated
             (and the interpolant integrated exactly against e^lambda): "lambda" (default;
             DPM-Solver++) or "t" (the SDE's time, DEIS's "tAB" in the data prediction; the
-            same as "lambda" for VE, whose lambda is affine in t). Opt-in: at 10 NFE under VP
-            it lowered the ODE error on 8 of 10 targets (up to 3x) but raised it on two
-            held-out ones by 5-7 % (docs/benchmarks.md, few-step section).
+            same as "lambda" for VE, whose lambda is affine in t). Opt-in: at <= 10 steps
+            under VP most paths get much closer to the exact ODE solution (up to 3x lower
+            RMS error), but not the RMS on every held-out target, and at 20 steps it can be
+            worse (docs/benchmarks.md, "Tuning DPM-Solver++ at 10 NFE").
     """
 
     def __init__(
