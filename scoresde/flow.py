@@ -251,19 +251,20 @@ def divergence(s: Tensor, x: Tensor, trace: str, cotangents: Any) -> tuple[Tenso
         else:
             (jtv,) = torch.autograd.grad(s, x, grad_outputs=probes, is_grads_batched=True)
         return (jtv * probes).reshape(P, B, -1).sum(-1).mean(0), P
+    # One plain vector-Jacobian product per dimension, reusing the graph: on one CPU core
+    # 1.1-1.5x faster than one vmapped (is_grads_batched) product over all of them (exact
+    # mixture scores in 2-D, 16-D and 64-D, a trained 2-D MLP), with one product's memory.
     div = torch.zeros(B, dtype=x.dtype, device=x.device)
+    flat_dim = x[0].numel()
     vjps = 0
     for i, (j0, cot) in enumerate(cotangents):
-        last = i == len(cotangents) - 1
-        (rows,) = torch.autograd.grad(
-            s, x, grad_outputs=cot, is_grads_batched=True, retain_graph=not last
-        )
-        Dc = cot.shape[0]
-        rows = rows.reshape(Dc, B, -1)
-        idx = torch.arange(j0, j0 + Dc, device=x.device)
-        # Row j of the Jacobian's transpose holds d s_j / d x_j at position j.
-        div = div + rows[torch.arange(Dc, device=x.device), :, idx].sum(0)
-        vjps += Dc
+        last_chunk = i == len(cotangents) - 1
+        for k in range(cot.shape[0]):
+            last = last_chunk and k == cot.shape[0] - 1
+            (row,) = torch.autograd.grad(s, x, grad_outputs=cot[k], retain_graph=not last)
+            # Row j of the Jacobian's transpose holds d s_j / d x_j at position j.
+            div = div + row.reshape(B, flat_dim)[:, j0 + k]
+            vjps += 1
     return div, vjps
 
 

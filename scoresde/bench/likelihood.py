@@ -22,7 +22,12 @@ from scoresde.bench.targets import TARGETS, at_one_time, make_sde, schedule_coef
 from scoresde.flow import ProbabilityFlow
 from scoresde.sdes import SDE
 
-__all__ = ["run_likelihood", "torchdiffeq_log_likelihood"]
+__all__ = [
+    "run_likelihood",
+    "run_song_comparison",
+    "song_log_likelihood",
+    "torchdiffeq_log_likelihood",
+]
 
 
 def torchdiffeq_log_likelihood(
@@ -56,19 +61,26 @@ def torchdiffeq_log_likelihood(
 
 
 def song_log_likelihood(
-    score: CountingScore,
+    score: Any,
     sde: SDE,
     x: Tensor,
     *,
     rtol: float = 1e-5,
     eps: float = 1e-5,
     generator: torch.Generator | None = None,
+    one_call: bool = False,
 ) -> Tensor:
-    """log p_eps(x) `[B]` the way Song et al.'s likelihood code computes it (written from its
-    description): scipy's RK45 (`solve_ivp`) on the flattened float64 numpy state (x, delta),
-    the probability-flow drift from `sde.reverse(score, probability_flow=True)` and its
-    divergence by one fixed Rademacher Hutchinson probe and autograd, in float32, with
-    numpy <-> torch round trips at every evaluation."""
+    """log p_eps(x) `[B]` the way Song et al.'s likelihood code (score_sde_pytorch's
+    `likelihood.py`) computes it: scipy's RK45 (`solve_ivp`, rtol = atol = 1e-5 by default)
+    on the flattened float64 numpy state (x, delta), the probability-flow drift from
+    `sde.reverse(score, probability_flow=True)` in float32, its divergence by one Rademacher
+    Hutchinson probe (drawn once) and autograd, with numpy <-> torch round trips at every
+    evaluation.
+
+    Their `ode_func` calls the model twice per evaluation: `drift_fn` (under no_grad) and
+    `div_fn`, which runs the drift again with grad to take the vector-Jacobian product.
+    `one_call=True` reuses the second call's drift instead (a leaner variant of their code,
+    one model call per evaluation)."""
     import numpy as np
     from scipy import integrate
 
@@ -80,10 +92,15 @@ def song_log_likelihood(
     def ode_func(t: float, y: Any) -> Any:
         sample = torch.from_numpy(y[:-B]).reshape(shape).to(torch.float32)
         vec_t = torch.full((B,), t, dtype=torch.float32)
+        if not one_call:
+            with torch.no_grad():
+                drift = rsde.sde(sample, vec_t)[0]
         with torch.enable_grad():
             sample.requires_grad_(True)
-            drift = rsde.sde(sample, vec_t)[0]
-            (grad,) = torch.autograd.grad((drift * probe).sum(), sample)
+            fn = rsde.sde(sample, vec_t)[0]
+            (grad,) = torch.autograd.grad((fn * probe).sum(), sample)
+        if one_call:
+            drift = fn
         div = (grad * probe).reshape(B, -1).sum(1)
         return np.concatenate([drift.detach().reshape(-1).numpy(), div.numpy()])
 
@@ -198,15 +215,6 @@ def _likelihood_block(
         labelled.append(
             ("torchdiffeq + autograd (exact trace)", f"dopri5 rtol=atol={rtol:g}", peer_run)
         )
-    if len(peer_rtols) > 1 and importlib.util.find_spec("scipy") is not None:  # full mode
-
-        def song_run() -> Tensor:
-            gen = torch.Generator().manual_seed(seed)
-            return song_log_likelihood(score, sde, x, eps=eps, generator=gen)
-
-        labelled.append(
-            ("Song et al.'s likelihood code (emulated)", "RK45 rtol=atol=1e-05, 1 probe", song_run)
-        )
     if lik is not None and hasattr(lik, "ddpm_vlb"):
 
         def vlb_run() -> Tensor:
@@ -248,7 +256,7 @@ def run_likelihood(
         lik = None
     runs = FULL_RUNS if full else QUICK_RUNS
     peer_rtols = (1e-3, 1e-4, 1e-5) if full else (1e-3,)
-    return [
+    blocks = [
         _likelihood_block(
             name,
             n if TARGETS[name].dim <= 2 else min(n, HIGH_DIM_N),
@@ -259,4 +267,180 @@ def run_likelihood(
             lik,
         )
         for name in targets
+    ]
+    return blocks
+
+
+# --- against Song et al.'s likelihood code, same model, same points ---------------------------
+
+# (target, number of points): the exact scores of the 2-D and 16-D mixtures and an MLP
+# ScoreModel trained on the 2-D mixture (fewer points there: its reference solve is costly).
+SONG_TARGETS: dict[str, int] = {"mixture2d": 2_000, "mix16d": 300, "mlp2d": 500}
+# The trained network's reference: a float64 solve of its ODE with the exact trace.
+TRAINED_REF_RTOL = 1e-6
+# scoresde's settings against Song et al.'s default (label, log_likelihood keywords, dtype).
+SONG_CONTESTANTS: list[tuple[str, dict[str, Any], torch.dtype]] = [
+    ("scoresde defaults (Hutchinson, 1 probe)", dict(), torch.float32),
+    (
+        "scoresde Hutchinson, 1 probe",
+        dict(trace="hutchinson", rtol=1e-2, atol=1e-2),
+        torch.float32,
+    ),
+    ("scoresde exact trace", dict(trace="exact", rtol=5e-3, atol=5e-3), torch.float32),
+    ("scoresde exact trace", dict(trace="exact", rtol=5e-3, atol=5e-3), torch.float64),
+]
+
+
+def train_mlp_2d(full: bool, seed: int = 0) -> tuple[torch.nn.Module, SDE, Any, float]:
+    """A small MLP ScoreModel trained on the 2-D benchmark mixture (VP SDE), frozen in eval
+    mode: (EMA model, sde, mixture, training seconds). Full mode: hidden 128, 3 blocks,
+    1,500 steps (~20 s on one core); quick: hidden 32, 1 block, 100 steps."""
+    from scoresde.losses import DSMLoss
+    from scoresde.recipes import build_model
+    from scoresde.toy import benchmark_mixture_2d
+    from scoresde.training import Trainer
+
+    mixture, sde = benchmark_mixture_2d(), make_sde("vp")
+    data = mixture.sample(20_000, generator=torch.Generator().manual_seed(seed + 1))
+    hidden, blocks, steps = (128, 3, 1_500) if full else (32, 1, 100)
+    model = build_model(
+        sde, "mlp", (2,), net_kwargs={"hidden": hidden, "num_blocks": blocks}, seed=seed
+    )
+    trainer = Trainer(
+        model, DSMLoss(sde), lr=2e-3, batch_size=256, warmup_steps=min(100, steps // 2),
+        decay_steps=steps, ema_decay=0.995, progress=False, seed=seed,
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(data, steps, progress=False)
+    seconds = time.perf_counter() - start
+    ema = trainer.ema_model.eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema, sde, mixture, seconds
+
+
+class _Calls:
+    """Counts calls of a score (a module or a function) and passes them on."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, x: Tensor, t: Any) -> Tensor:
+        self.calls += 1
+        return self.fn(x, t)
+
+
+def _song_target(name: str, n: int, full: bool, seed: int, lik: Any) -> dict[str, Any]:
+    """(score, sde, points float64, reference log p_eps float64, description)."""
+    if name == "mlp2d":
+        model, sde, mixture, train_s = train_mlp_2d(full, seed)
+        x = mixture.sample(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        import copy
+
+        model64 = copy.deepcopy(model).double()
+        ref = lik.log_likelihood(
+            model64, sde, x, trace="exact", rtol=TRAINED_REF_RTOL, atol=TRAINED_REF_RTOL
+        )
+        what = (
+            f"MLP ScoreModel trained on the 2-D mixture ({train_s:.0f} s); reference: its "
+            f"own ODE solved in float64 with the exact trace at rtol=atol="
+            f"{TRAINED_REF_RTOL:g} ({ref.nfe} NFE)"
+        )
+        return {"score": model, "sde": sde, "x": x, "ref": ref.logp, "what": what}
+    mixture, sde = TARGETS[name].mixture(), make_sde("vp")
+    x = mixture.sample(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ref = mixture.log_prob_fn(sde)(x, 1e-5)
+    what = f"exact score of {TARGETS[name].description}; reference: the exact log p_eps"
+    return {"score": CountingScore(sde, mixture), "sde": sde, "x": x, "ref": ref, "what": what}
+
+
+def _song_block(name: str, n: int, full: bool, seed: int, repeats: int, lik: Any) -> dict[str, Any]:
+    tgt = _song_target(name, n, full, seed, lik)
+    sde, x, ref = tgt["sde"], tgt["x"], tgt["ref"]
+    score = _Calls(tgt["score"])
+    runs: list[tuple[str, str, str, Any]] = []
+    for label, one_call in (("Song et al. (emulated)", False), ("Song et al., 1 call", True)):
+
+        def song(one_call=one_call) -> Tensor:
+            gen = torch.Generator().manual_seed(seed)
+            return song_log_likelihood(score, sde, x, generator=gen, one_call=one_call)
+
+        calls = "1 model call" if one_call else "2 model calls"
+        runs.append((label, f"RK45 rtol=atol=1e-05, 1 probe, {calls}/eval", "float32", song))
+    for label, kw, dtype in SONG_CONTESTANTS if lik is not None else []:
+        if dtype == torch.float64 and name == "mlp2d":
+            continue  # the trained network runs in float32, as in Song et al.'s code
+
+        def ours(kw=kw, dtype=dtype) -> Tensor:
+            gen = torch.Generator().manual_seed(seed)
+            res = lik.log_likelihood(score, sde, x.to(dtype), generator=gen, **kw)
+            return res.logp.to(torch.float64)
+
+        setting = f"dopri5 rtol=atol={kw.get('rtol', 1e-5):g}"
+        runs.append((label, setting, str(dtype).replace("torch.", ""), ours))
+    rows: list[dict[str, Any]] = []
+    for label, setting, dtype, fn in runs:  # one untimed run each: warm-up, calls, errors
+        score.calls = 0
+        try:
+            est = fn()
+        except Exception as err:  # reported, not fatal
+            rows.append({"method": label, "setting": setting, "dtype": dtype, "error": str(err)})
+            continue
+        diff = (est - ref).abs()
+        rows.append(
+            {
+                "method": label, "setting": setting, "dtype": dtype, "calls": score.calls,
+                "mean_abs_err": float(diff.mean()), "max_abs_err": float(diff.max()),
+                "times": [],
+            }
+        )  # fmt: skip
+    for _ in range(repeats):  # interleaved, so that load on a shared machine hits all alike
+        for row, (_, _, _, fn) in zip(rows, runs, strict=True):
+            if "error" in row:
+                continue
+            start = time.perf_counter()
+            fn()
+            row["times"].append(time.perf_counter() - start)
+    for row in rows:
+        if "error" not in row:
+            row["seconds"] = min(row["times"])
+    base, lean = rows[0], rows[1]
+    for row in rows:
+        if "error" in row or "error" in base:
+            continue
+        row["ratio"] = row["seconds"] / base["seconds"]
+        if "error" not in lean:
+            row["ratio_one_call"] = row["seconds"] / lean["seconds"]
+        row["as_accurate"] = bool(
+            row["mean_abs_err"] <= base["mean_abs_err"]
+            and row["max_abs_err"] <= base["max_abs_err"]
+        )
+    return {"target": name, "n": n, "what": tgt["what"], "repeats": repeats, "rows": rows}
+
+
+def run_song_comparison(
+    targets: list[str] | None = None,
+    *,
+    full: bool = False,
+    n: int | None = None,
+    seed: int = 0,
+    repeats: int | None = None,
+) -> list[dict[str, Any]]:
+    """Wall time of scoresde's log_likelihood against Song et al.'s likelihood code
+    (`song_log_likelihood`) on the same model and the same points, one block per target
+    (`SONG_TARGETS`): each contestant runs once untimed (warm-up; its score calls and its
+    error against the reference), then `repeats` interleaved timed rounds; seconds are the
+    fastest round and ratios are to Song et al.'s time. A setting is "as accurate" when both
+    its mean and its largest |error| are at most Song et al.'s."""
+    if importlib.util.find_spec("scipy") is None:
+        return []
+    try:
+        from scoresde import likelihood as lik
+    except ImportError:
+        lik = None
+    names = targets if targets is not None else (list(SONG_TARGETS) if full else ["mixture2d"])
+    reps = repeats if repeats is not None else (3 if full else 1)
+    return [
+        _song_block(name, n or (SONG_TARGETS[name] if full else 100), full, seed, reps, lik)
+        for name in names
     ]

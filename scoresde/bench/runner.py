@@ -26,7 +26,7 @@ import torch
 
 from scoresde import metrics
 from scoresde._typing import Tensor
-from scoresde.bench.likelihood import run_likelihood
+from scoresde.bench.likelihood import run_likelihood, run_song_comparison
 from scoresde.bench.peers import CountingFn, Method, Problem, peer_methods, scoresde_methods
 from scoresde.bench.report import write_report
 from scoresde.bench.targets import TARGETS, make_sde, reference_solve
@@ -438,6 +438,8 @@ def run(
             full=full,
             seed=seed,
         )
+        # Against Song et al.'s likelihood code: same models, same points, ratios of time.
+        results["song"] = run_song_comparison(full=full, seed=seed)
     else:
         if suite == "peers":
             chosen = _select(all_methods, methods)
@@ -489,7 +491,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def script_main(suite: str, default_out: Path, argv: list[str] | None = None) -> None:
+def script_main(suite: str, default_out: Path, argv: list[str] | None = None) -> dict[str, Any]:
     """The command line of the `benchmarks/<suite>.py` scripts:
     `[--mode quick|full] [--out DIR]`, full mode and the repository's results by default."""
     import argparse
@@ -499,4 +501,4 @@ def script_main(suite: str, default_out: Path, argv: list[str] | None = None) ->
     parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    run(suite, args.mode, args.out, progress=True)
+    return run(suite, args.mode, args.out, progress=True)
