@@ -173,15 +173,23 @@ class ProbabilityFlow:
         `one_hot_chunks` or `draw_probes`, rows matching x)."""
         t = self._time(t, x)
         f, c = self.coefficients(t)
-        dim = x[0].numel()
+        s, div_s = self.score_with_divergence(t, x, trace, cotangents)
+        v = expand_like(f, x) * x - expand_like(c, x) * s
+        return v, f * x[0].numel() - c * div_s
+
+    def score_with_divergence(
+        self, t: Any, x: Tensor, trace: str, cotangents: Any
+    ) -> tuple[Tensor, Tensor]:
+        """(s(x, t) `[B, *D]`, div_x s `[B]`), both detached: one score call and its
+        vector-Jacobian products (see `divergence`)."""
+        t = self._time(t, x)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             s = self.score_fn(xg, broadcast_time(t, x))
             self.nfe += 1
             div_s, n = divergence(s, xg, trace, cotangents)
         self.vjps += n
-        v = expand_like(f, x) * x - expand_like(c, x) * s.detach()
-        return v, f * dim - c * div_s
+        return s.detach(), div_s.detach()
 
 
 def draw_probes(

@@ -64,6 +64,50 @@ def test_exact_trace_matches_mixture_density(name: str, dim: int) -> None:
     assert res.nfe > 0 and res.vjps == res.nfe * dim
 
 
+@pytest.mark.parametrize(
+    ("name", "dim"), [("vp", 2), ("subvp", 2), ("ve", 2), ("cosine", 2), ("vp", 16), ("ve", 16)]
+)
+def test_sigma_time_variable_is_the_same_likelihood(name: str, dim: int) -> None:
+    """time_variable="sigma" (EDM's ODE in sigma / alpha, y = x / alpha) is an exact change
+    of variables: its solver error against the exact log p_eps is as small as the t solve's,
+    and both solves agree on logp and z far below the tolerance's scale."""
+    sde = SDES[name]()
+    mix = benchmark_mixture_2d() if dim == 2 else random_mixture(16, seed=3)
+    x = _points(mix, 8 if dim == 2 else 4, seed=7)
+    log_p = mix.log_prob_fn(sde)
+    score = mix.score_fn(sde)
+    kw = dict(trace="exact", rtol=1e-6, atol=1e-6)
+    res_t = L.log_likelihood(score, sde, x, **kw)
+    res_s = L.log_likelihood(score, sde, x, time_variable="sigma", **kw)
+    assert res_s.logp.dtype == F64 and res_s.z.shape == x.shape
+    assert torch.allclose(res_s.logp, res_s.prior_logp + res_s.delta_logp, atol=1e-12)
+    solver_err = (res_s.delta_logp + log_p(res_s.z, sde.T) - log_p(x, EPS)).abs()
+    assert solver_err.max() < 1e-3, solver_err.max()
+    assert (res_s.logp - res_t.logp).abs().max() < 1e-3
+    assert (res_s.z - res_t.z).abs().max() < 1e-3 * sde.prior_std
+    assert res_s.vjps == res_s.nfe * dim
+
+
+def test_sigma_time_variable_per_sample_and_hutchinson() -> None:
+    """The per-sample solver and Hutchinson's estimator (same probes) in sigma agree with
+    their solves in t."""
+    sde, mix = SubVPSDE(), benchmark_mixture_2d()
+    x, score = _points(mix, 8, seed=2), mix.score_fn(sde)
+    ref = L.log_likelihood(score, sde, x, trace="exact", rtol=1e-6, atol=1e-6)
+    per = L.log_likelihood(
+        score, sde, x, trace="exact", rtol=1e-5, atol=1e-5,
+        method="dopri5_per_sample", time_variable="sigma",
+    )  # fmt: skip
+    assert (per.logp - ref.logp).abs().max() < 1e-2
+    hk = dict(rtol=1e-5, atol=1e-5, num_probes=2)
+    h_t = L.log_likelihood(score, sde, x, generator=torch.Generator().manual_seed(0), **hk)
+    h_s = L.log_likelihood(
+        score, sde, x, generator=torch.Generator().manual_seed(0), time_variable="sigma", **hk
+    )
+    assert (h_s.logp - h_t.logp).abs().max() < 1e-2
+    assert (h_s.logp - ref.logp).abs().max() > 1e-3  # the probes' noise, not the exact trace
+
+
 def test_gaussian_data_closed_form_and_sign() -> None:
     """Zero-mean Gaussian data: p_t = N(0, alpha^2 C + sigma^2 I) is ~ the prior at T, so logp
     must hit the closed form; the wrong sign of the integral would be off by 2 |delta|."""
@@ -258,6 +302,7 @@ def test_argument_validation() -> None:
         ({"rtol": -1e-3}, ValueError, "rtol"),
         ({"atol": float("nan")}, ValueError, "atol"),
         ({"generator": 3}, TypeError, "generator"),
+        ({"time_variable": "lambda"}, ValueError, "time_variable"),
     ]
     for kwargs, err, word in bad:
         with pytest.raises(err, match=word):
