@@ -288,6 +288,11 @@ SONG_CONTESTANTS: list[tuple[str, dict[str, Any], torch.dtype]] = [
     ),
     ("scoresde exact trace", dict(trace="exact", rtol=5e-3, atol=5e-3), torch.float32),
     ("scoresde exact trace", dict(trace="exact", rtol=5e-3, atol=5e-3), torch.float64),
+    (
+        "scoresde exact trace, time_variable=sigma",
+        dict(trace="exact", rtol=1e-2, atol=1e-2, time_variable="sigma"),
+        torch.float32,
+    ),
 ]
 
 
@@ -330,8 +335,19 @@ class _Calls:
         return self.fn(x, t)
 
 
+_TARGET_CACHE: dict[tuple, dict[str, Any]] = {}
+
+
 def _song_target(name: str, n: int, full: bool, seed: int, lik: Any) -> dict[str, Any]:
-    """(score, sde, points float64, reference log p_eps float64, description)."""
+    """(score, sde, points float64, reference log p_eps float64, description); made once
+    per run (the trained network and its reference solve are shared by the tables)."""
+    key = (name, n, full, seed)
+    if key not in _TARGET_CACHE:
+        _TARGET_CACHE[key] = _make_target(name, n, full, seed, lik)
+    return _TARGET_CACHE[key]
+
+
+def _make_target(name: str, n: int, full: bool, seed: int, lik: Any, kind: str = "vp") -> dict:
     if name == "mlp2d":
         model, sde, mixture, train_s = train_mlp_2d(full, seed)
         x = mixture.sample(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -347,7 +363,7 @@ def _song_target(name: str, n: int, full: bool, seed: int, lik: Any) -> dict[str
             f"{TRAINED_REF_RTOL:g} ({ref.nfe} NFE)"
         )
         return {"score": model, "sde": sde, "x": x, "ref": ref.logp, "what": what}
-    mixture, sde = TARGETS[name].mixture(), make_sde("vp")
+    mixture, sde = TARGETS[name].mixture(), make_sde(kind)
     x = mixture.sample(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ref = mixture.log_prob_fn(sde)(x, 1e-5)
     what = f"exact score of {TARGETS[name].description}; reference: the exact log p_eps"
@@ -444,3 +460,61 @@ def run_song_comparison(
         _song_block(name, n or (SONG_TARGETS[name] if full else 100), full, seed, reps, lik)
         for name in names
     ]
+
+
+# --- the time variable: t against sigma / alpha (EDM's ODE) ------------------------------------
+
+# (target, SDE kind, points) and the tolerances of the exact-trace dopri5 solves.
+TIME_VARIABLE_TARGETS: list[tuple[str, str, int]] = [
+    ("mixture2d", "vp", 500),
+    ("mixture2d", "subvp", 500),
+    ("mixture2d", "ve", 500),
+    ("mix16d", "vp", 100),
+    ("mlp2d", "vp", SONG_TARGETS["mlp2d"]),
+]
+TIME_VARIABLE_RTOLS = (1e-2, 5e-3, 1e-3)
+
+
+def run_time_variables(*, full: bool = False, seed: int = 0) -> list[dict[str, Any]]:
+    """NFE and error of `log_likelihood(trace="exact", method="dopri5")` with
+    time_variable "t" and "sigma" at TIME_VARIABLE_RTOLS, per target and SDE, against the
+    exact log p_eps (mixtures, float64) or the trained network's float64 reference solve
+    (its solves in float32). Quick mode: the 2-D mixture under VP, 100 points, one rtol."""
+    try:
+        from scoresde import likelihood as lik
+    except ImportError:
+        return []
+    if not hasattr(lik, "TIME_VARIABLES"):
+        return []
+    cases = TIME_VARIABLE_TARGETS if full else [("mixture2d", "vp", 100)]
+    rtols = TIME_VARIABLE_RTOLS if full else (1e-2,)
+    blocks = []
+    for name, kind, n in cases:
+        if name == "mlp2d":
+            tgt = _song_target(name, n, full, seed, lik)
+        else:
+            tgt = _make_target(name, n, full, seed, lik, kind)
+        dtype = torch.float32 if name == "mlp2d" else torch.float64
+        score, sde, x, ref = _Calls(tgt["score"]), tgt["sde"], tgt["x"].to(dtype), tgt["ref"]
+        rows = []
+        for rtol in rtols:
+            for variable in lik.TIME_VARIABLES:
+                score.calls = 0
+                start = time.perf_counter()
+                res = lik.log_likelihood(
+                    score, sde, x, trace="exact", rtol=rtol, atol=rtol, time_variable=variable
+                )
+                seconds = time.perf_counter() - start
+                diff = (res.logp.to(torch.float64) - ref).abs()
+                rows.append(
+                    {
+                        "time_variable": variable, "rtol": rtol, "nfe": res.nfe,
+                        "mean_abs_err": float(diff.mean()), "max_abs_err": float(diff.max()),
+                        "seconds": seconds,
+                    }
+                )  # fmt: skip
+        blocks.append(
+            {"target": name, "sde": kind, "n": n, "dtype": str(dtype).replace("torch.", ""),
+             "rows": rows}
+        )  # fmt: skip
+    return blocks

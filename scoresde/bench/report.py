@@ -296,6 +296,36 @@ def _likelihood_md(results: dict) -> list[str]:
     return out
 
 
+def _time_variables_md(blocks: list[dict]) -> list[str]:
+    if not blocks:
+        return []
+    out = [
+        "## The time variable: t against sigma / alpha",
+        "",
+        '`log_likelihood(trace="exact", method="dopri5")` with `time_variable="t"` '
+        '(the default) and `"sigma"` (the exact change of variables to EDM\'s ODE). Errors in '
+        "nats against the exact log p_eps (mixtures) or the trained network's float64 "
+        "reference solve (see above).",
+        "",
+        "| target | SDE | points | dtype | rtol=atol | NFE (t) | mean abs err (t) | max (t) "
+        "| NFE (sigma) | mean abs err (sigma) | max (sigma) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for block in blocks:
+        by = {(r["rtol"], r["time_variable"]): r for r in block["rows"]}
+        for rtol in sorted({r["rtol"] for r in block["rows"]}, reverse=True):
+            a, b = by.get((rtol, "t")), by.get((rtol, "sigma"))
+            if a is None or b is None:
+                continue
+            out.append(
+                f"| {block['target']} | {block['sde']} | {block['n']} | {block['dtype']} "
+                f"| {rtol:g} | {a['nfe']} | {_fmt(a['mean_abs_err'], 4)} "
+                f"| {_fmt(a['max_abs_err'], 3)} | {b['nfe']} | {_fmt(b['mean_abs_err'], 4)} "
+                f"| {_fmt(b['max_abs_err'], 3)} |"
+            )
+    return out + [""]
+
+
 def _song_md(blocks: list[dict]) -> list[str]:
     if not blocks:
         return []
@@ -345,7 +375,11 @@ def markdown(results: dict) -> str:
     if "overhead" in results:
         body = _overhead_md(results)
     elif "likelihood" in results:
-        body = _likelihood_md(results) + _song_md(results.get("song", []))
+        body = (
+            _likelihood_md(results)
+            + _song_md(results.get("song", []))
+            + _time_variables_md(results.get("time_variables", []))
+        )
     else:
         body = _accuracy_md(results)
     return "\n".join(head + body)

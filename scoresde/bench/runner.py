@@ -26,7 +26,7 @@ import torch
 
 from scoresde import metrics
 from scoresde._typing import Tensor
-from scoresde.bench.likelihood import run_likelihood, run_song_comparison
+from scoresde.bench.likelihood import run_likelihood, run_song_comparison, run_time_variables
 from scoresde.bench.peers import CountingFn, Method, Problem, peer_methods, scoresde_methods
 from scoresde.bench.report import write_report
 from scoresde.bench.targets import TARGETS, make_sde, reference_solve
@@ -440,6 +440,7 @@ def run(
         )
         # Against Song et al.'s likelihood code: same models, same points, ratios of time.
         results["song"] = run_song_comparison(full=full, seed=seed)
+        results["time_variables"] = run_time_variables(full=full, seed=seed)
     else:
         if suite == "peers":
             chosen = _select(all_methods, methods)
