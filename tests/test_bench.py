@@ -225,6 +225,16 @@ def test_likelihood_suite_separates_solver_error_from_prior_mismatch(tmp_path) -
     hutch = rows["dopri5_per_sample rtol=atol=0.001, 1 probe(s)"]
     assert hutch["vs_tight"]["std"] > 10 * per_sample["vs_tight"]["std"]
     assert "| evals/sample |" in (tmp_path / "likelihood.md").read_text()
+    # Song et al.'s code on the same points: ratios of time, the exact trace far more accurate
+    rows_song = results["song"][0]["rows"]
+    base, lean = rows_song[0], rows_song[1]  # Song et al.: 2 model calls per evaluation, 1
+    assert base["ratio"] == 1.0 and base["calls"] == 2 * lean["calls"]
+    song = {(r["method"], r["setting"], r["dtype"]): r for r in rows_song}
+    exact = song[("scoresde exact trace", "dopri5 rtol=atol=0.005", "float64")]
+    assert exact["as_accurate"] and exact["mean_abs_err"] < 0.1 * base["mean_abs_err"]
+    assert exact["ratio"] > 0
+    variables = {r["time_variable"] for r in results["time_variables"][0]["rows"]}
+    assert variables == {"t", "sigma"}
 
 
 def test_cli_bench_quick_mode_writes_every_suite(tmp_path, capsys) -> None:
