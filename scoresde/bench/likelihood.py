@@ -6,6 +6,10 @@ so the estimate is compared with the exact log p_eps(x) (the density the ODE def
 start time eps) and with log p_0(x). The peer is what a user would write with torchdiffeq:
 the same augmented ODE with the exact divergence by autograd (FFJORD-style), one
 vector-Jacobian product per dimension.
+
+`run_song_comparison` times scoresde against Song et al.'s likelihood code
+(`song_log_likelihood`, emulated as their code runs) on the same model and the same points,
+and `run_time_variables` compares log_likelihood's time variables t and sigma.
 """
 
 from __future__ import annotations

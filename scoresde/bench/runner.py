@@ -8,7 +8,8 @@ scripts in benchmarks/). Suites:
 - "exact_score": scoresde's samplers (and the peers as reference lines) on several targets
   (2-D mixture, ring, anisotropic; 16-D and 64-D in full mode).
 - "likelihood": probability-flow log-likelihoods (scoresde and a torchdiffeq peer) against
-  the exact log-density of true samples.
+  the exact log-density of true samples; wall time against Song et al.'s likelihood code on
+  the same models and points (ratios); the time variable t against sigma / alpha.
 - "overhead": per-step wall time with a trivial model (score = -x, batch 10,000 x 2), as
   ratios to a bare torch update timed in the same run.
 """
