@@ -42,12 +42,14 @@ from scoresde.sdes import SDE
 # later runs. Bounded: cleared when it grows past _MAX_TIMES entries.
 _TIMES: dict[tuple[float, int, torch.device, torch.dtype], tuple[Tensor, int]] = {}
 _MAX_TIMES = 8192
+_TIMES_GENERATION = [0]  # bumped whenever _TIMES is cleared (see CountedScore.preload)
 
 
 def _store_times(times: list[float], batch: int, device: torch.device, dtype: torch.dtype) -> None:
     """Make the [B] time tensors of `times` in one allocation (one host-to-device copy)."""
     if len(_TIMES) + len(times) > _MAX_TIMES:
         _TIMES.clear()
+        _TIMES_GENERATION[0] += 1
     # Normal tensors even inside torch.inference_mode: a later run may differentiate through
     # the score (guidance), and inference tensors cannot be saved for backward.
     with torch.inference_mode(False):
@@ -71,13 +73,22 @@ class CountedScore:
         self.nfe = 0
         self.last_t: Any = None  # the time of the latest call, to name it in errors
 
-    def preload(self, times: list[float], x: Tensor) -> None:
+    def preload(self, times: list[float], x: Tensor, memo: dict | None = None) -> None:
         """Make the `[B]` tensors of the Python-float `times` for batches like x in bulk
-        (~1 us each instead of ~8 us one by one); cached ones are skipped."""
-        batch, device, dtype = x.shape[0], x.device, x.dtype
-        missing = [t for t in dict.fromkeys(times) if (t, batch, device, dtype) not in _TIMES]
+        (~1 us each instead of ~8 us one by one); cached ones are skipped.
+
+        `memo`: a dict kept with `times` (e.g. in a cached plan) that records for which
+        (B, device, dtype) they were made, so a repeated run skips the look-ups."""
+        sig = (x.shape[0], x.device, x.dtype)
+        if memo is not None and memo.get(sig) == _TIMES_GENERATION[0]:
+            return
+        missing = [t for t in dict.fromkeys(times) if (t, *sig) not in _TIMES]
         if missing:
-            _store_times(missing, batch, device, dtype)
+            _store_times(missing, *sig)
+        if memo is not None:
+            if len(memo) >= 8:
+                memo.clear()
+            memo[sig] = _TIMES_GENERATION[0]
 
     def _time(self, t: Any, x: Tensor) -> Tensor:
         if type(t) is float:

@@ -50,7 +50,7 @@ from scoresde.samplers.base import (
     Sampler,
     SamplingContext,
 )
-from scoresde.samplers.toolkit import check_grid, make_grid
+from scoresde.samplers.toolkit import cached, check_grid, grid_key, make_grid
 from scoresde.sdes import SDE
 
 __all__ = ["ODESampler", "FIXED_METHODS", "ADAPTIVE_METHODS"]
@@ -81,12 +81,9 @@ class _FixedSteps:
         (f0, c0), (fm, cm), (f1, c1) = (pf_coefficients(sde, t) for t in (t0, tm, t1))
         self.f0, self.fm, self.f1 = f0.tolist(), fm.tolist(), f1.tolist()
         self.c0, self.cm, self.c1 = c0.tolist(), cm.tolist(), c1.tolist()
-
-    def times(self, method: str) -> list[float]:
-        """Every time at which `method` evaluates the score (for `CountedScore.preload`)."""
-        if method in ("midpoint", "rk4"):
-            return self.t0 + self.tm + self.t1
-        return self.t0 + self.t1
+        # every time a method evaluates the score at (for `CountedScore.preload`)
+        self.times = self.t0 + self.tm + self.t1
+        self.preloaded: dict = {}
 
 
 # The steps below do the minimum of tensor work: the state x is never written (a callback
@@ -221,15 +218,17 @@ class ODESampler(Sampler):
     def _solve(self, ctx: SamplingContext, x: Tensor, *, forward: bool) -> Tensor:
         if self.method in ADAPTIVE_METHODS:
             return self._solve_adaptive(ctx, x, forward)
-        grid = make_grid(self.sde, self.num_steps, self.time_grid, self.eps)
-        if forward:
-            grid = grid.flip(0)
-        k = _FixedSteps(self.sde, grid)
-        ctx.score.preload(k.times(self.method), x)
+        key = (self.num_steps, grid_key(self.time_grid), self.eps, forward)
+        k = cached(self, key, lambda: self._fixed_steps(forward))
+        ctx.score.preload(k.times, x, k.preloaded)
         step = _STEPS[self.method]
         for i in ctx.steps(len(k.h)):
             x = ctx.after_step(i, k.t1[i], step(ctx, x, k, i))
         return x
+
+    def _fixed_steps(self, forward: bool) -> _FixedSteps:
+        grid = make_grid(self.sde, self.num_steps, self.time_grid, self.eps)
+        return _FixedSteps(self.sde, grid.flip(0) if forward else grid)
 
     def _solve_adaptive(self, ctx: SamplingContext, x: Tensor, forward: bool) -> Tensor:
         ends = (self.eps, self.sde.T) if forward else (self.sde.T, self.eps)
