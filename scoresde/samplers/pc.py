@@ -502,6 +502,7 @@ class PCSampler(Sampler):
         sde = self._chain
         times = torch.linspace(sde.T, self.eps, self.num_steps, dtype=torch.float64)
         pc = PCContext(ctx, sde, times, self.probability_flow)
+        ctx.score.preload(pc.times, x)
         predictor, corrector = self.predictor, self.corrector
         if predictor is not None:
             predictor.prepare(pc)
@@ -548,7 +549,7 @@ class EulerMaruyamaSampler(Sampler):
         self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps)
         self.denoise = check_bool("denoise", denoise)
 
-    def _plan(self) -> tuple[list[float], ...]:
+    def _plan(self) -> tuple[list[float], list[float], list[float], list[float], dict]:
         grid = make_grid(self.sde, self.num_steps, self.time_grid, self.eps)
         t_now = grid[:-1]
         h = grid[:-1] - grid[1:]
@@ -556,11 +557,12 @@ class EulerMaruyamaSampler(Sampler):
         x_coef = (1 - h * f).tolist()
         s_coef = (h * g2).tolist()
         noise = torch.sqrt(h * g2).tolist()
-        return x_coef, s_coef, noise, grid.tolist()
+        return x_coef, s_coef, noise, grid.tolist(), {}  # {}: the memo of score.preload
 
     def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
         key = (self.num_steps, grid_key(self.time_grid), self.eps)
-        x_coef, s_coef, noise, times = cached(self, key, self._plan)
+        x_coef, s_coef, noise, times, preloaded = cached(self, key, self._plan)
+        ctx.score.preload(times[:-1], x, preloaded)
         fuse = min(x_coef) > 0.0  # 1 - h f(t) with f <= 0 for every SDE here
         s_ratio = [b / a if fuse else 0.0 for a, b in zip(x_coef, s_coef, strict=True)]
         n = len(x_coef)
