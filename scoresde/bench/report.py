@@ -215,7 +215,7 @@ def _overhead_md(results: dict) -> list[str]:
     ov = results["overhead"]
     out = [
         f"## Per-step overhead (trivial model score = -x, batch {ov['batch']} x 2, "
-        f"{ov['dtype']}, {ov['num_steps']} steps, fastest of {ov['repeats']})",
+        f"{ov['dtype']}, {ov['num_steps']} steps, fastest of >= {ov['repeats']} rounds)",
         "",
         f"Bare torch update (x <- a x + b (-x)): {_fmt(ov['bare_us_per_step'], 1)} us per step"
         + (
@@ -224,7 +224,10 @@ def _overhead_md(results: dict) -> list[str]:
             if "bare_noise_us_per_step" in ov
             else "."
         ),
-        "Times are the fastest of the repeats (the machine is shared); medians in the JSON.",
+        "Times are the fastest of the rounds (the machine is shared; a method and its "
+        "references are timed in turn in each round, for at least the given number of rounds "
+        "and then, up to 4x as many, until no side's fastest time improves by over 1 % for a "
+        "third of them); medians and round counts in the JSON.",
         "",
     ]
     if "bare_multistep_us_per_step" in ov:

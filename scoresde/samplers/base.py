@@ -2,7 +2,10 @@
 `_sample(ctx, x)` and draws everything it needs from the `SamplingContext`:
 
 - `ctx.score(x, t)`: the user's score_fn, counted (one call on a batch = one NFE) and
-  checked (its output must have x's shape);
+  checked (its output must have x's shape); the result never shares memory with x (a
+  score_fn that returns its input is copied), so a sampler may update either in place;
+  `ctx.score.preload(times, x)` makes a grid's time tensors in one go (they are cached
+  across runs: no Python-float -> tensor work in the loop);
 - `ctx.randn_like(x)`: Gaussian noise, from the user's generator or, with
   `batch_invariant=True`, from per-sample streams (sample i does not depend on the batch);
 - `ctx.steps(n)`: the step indices, with a progress bar when asked;

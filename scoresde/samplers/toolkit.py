@@ -5,7 +5,10 @@ t = T (a prior draw or the user's x_init, `[B, *D]`) to the data end and returns
 the base class does validation, the prior draw, noise, NFE counting, progress bars, the
 user's callback and NaN/Inf detection. Inside `_sample`:
 
-- `ctx.score(x, t)`: the score (t a float or `[B]`; one call = one NFE, shape checked);
+- `ctx.score(x, t)`: the score (t a float or `[B]`; one call = one NFE, shape checked;
+  the result never shares memory with x, so it and a stage buffer passed as x may be
+  updated in place); float times become cached `[B]` tensors, `ctx.score.preload(times, x)`
+  makes a whole grid's at once;
 - `ctx.randn_like(x)`: noise from the user's generator (or per-sample streams);
 - `ctx.steps(n)`: range(n) with a progress bar;
 - `ctx.after_step(i, t, x)`: the NaN/Inf check (`NonFiniteError` with step and time) and
