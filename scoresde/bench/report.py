@@ -224,6 +224,7 @@ def _overhead_md(results: dict) -> list[str]:
             if "bare_noise_us_per_step" in ov
             else "."
         ),
+        f"Clock: {ov.get('clock', 'wall time')}. "
         "Times are the fastest of the rounds (the machine is shared; a method and its "
         "references are timed in turn in each round, for at least the given number of rounds "
         "and then, up to 4x as many, until no side's fastest time improves by over 1 % for a "
