@@ -348,3 +348,31 @@ def test_encode_validation() -> None:
         sampler.encode("score", torch.zeros(3, 2))
     with pytest.raises(TypeError, match="sde"):
         ODESampler("vp")
+
+
+def test_plans_of_user_sdes_with_other_state_are_not_shared() -> None:
+    """Per-grid coefficients are cached by the SDE's scalar settings; a user SDE may hold a
+    tensor (here a scaled VP schedule) that the scalars do not show, so two such SDEs must
+    not share a plan."""
+
+    class ScaledVP(VPSDE):
+        name = None  # a user SDE
+
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.scale = torch.tensor(scale, dtype=torch.float64)  # not a scalar setting
+
+        def drift_coef(self, t):
+            return super().drift_coef(t) * self.scale
+
+        def diffusion_coef(self, t):
+            return super().diffusion_coef(t) * self.scale.sqrt()
+
+    x = prior(VPSDE(), 8, seed=2)
+    outs = []
+    for scale in (1.0, 0.5):
+        sde = ScaledVP(scale)
+        sampler = ODESampler(sde, "euler", num_steps=3)
+        outs.append(sampler.sample(lambda y, t: -2.0 * y, x.shape, x_init=x))
+    # the drift f x - g^2 s / 2 = beta x / 2 (with s = -2x) scales with the schedule
+    assert not torch.allclose(outs[0], outs[1], rtol=1e-3, atol=0)

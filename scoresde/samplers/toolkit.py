@@ -33,6 +33,7 @@ cosine VP alike.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -120,8 +121,12 @@ _MAX_PLANS = 32
 
 
 def _sde_key(sde: SDE) -> tuple[Any, ...]:
-    """The SDE's class and scalar settings (its tensors derive from them)."""
+    """The SDE's class and scalar settings: a built-in SDE's tensors derive from them. A
+    user's SDE (no `name`) may hold other state (e.g. a tabulated schedule), so its plans are
+    also keyed by the object itself."""
     scalars = sorted((k, v) for k, v in vars(sde).items() if isinstance(v, (bool, int, float, str)))
+    if getattr(sde, "name", None) is None:
+        return (type(sde), id(sde), *scalars)
     return (type(sde), *scalars)
 
 
@@ -135,11 +140,13 @@ def cached(owner: Any, key: tuple[Any, ...], build: Any) -> Any:
     plans are kept.
     """
     full_key = (type(owner), _sde_key(owner.sde), *key)
-    plan = _PLANS.get(full_key)
-    if plan is None:
-        plan = _PLANS[full_key] = build()
+    entry = _PLANS.get(full_key)
+    # (a user SDE's id may be reused by a new object once it is freed: check it is the same)
+    if entry is None or (entry[1] is not None and entry[1]() is not owner.sde):
+        owner_ref = None if getattr(owner.sde, "name", None) else weakref.ref(owner.sde)
+        entry = _PLANS[full_key] = (build(), owner_ref)
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
     else:
         _PLANS.move_to_end(full_key)
-    return plan
+    return entry[0]
