@@ -291,13 +291,14 @@ def _langevin_alphas(pc: PCContext) -> list[float]:
 _MV_NORM_MAX_FEATURES = 16
 
 
-def _norm_sum(v: Tensor, ones: Tensor | None) -> Tensor:
-    """sum_b ||v_b|| over all non-batch dimensions (a 0-d tensor, no host sync); `ones` is
-    a vector of ones of the feature count for the matrix-vector path, or None."""
+def _norm_mean(v: Tensor, ones: Tensor | None) -> Tensor:
+    """mean_b ||v_b|| over all non-batch dimensions (a 0-d tensor, no host sync); `ones` is
+    a vector of ones of the feature count for the matrix-vector path, or None. (A mean, not
+    a sum: the sum of a large half-precision batch's norms would overflow.)"""
     flat = v.reshape(v.shape[0], -1)
     if ones is None:
-        return torch.linalg.vector_norm(flat, dim=1).sum()
-    return torch.mv(flat.square(), ones).sqrt_().sum()
+        return torch.linalg.vector_norm(flat, dim=1).mean()
+    return torch.mv(flat.square(), ones).sqrt_().mean()
 
 
 class LangevinCorrector(Corrector):
@@ -311,9 +312,8 @@ class LangevinCorrector(Corrector):
     therefore depend on the batch they are drawn in, even with `batch_invariant=True`
     (which warns); the "ald" corrector's step depends on t only.
 
-    The step size stays a 0-d tensor on x's device (no host sync): the ratio of the batch
-    means is that of the batch sums, so e = 2 alpha snr^2 (sum ||z|| / sum ||s||)^2 and
-    sqrt(2 e) = 2 sqrt(alpha) snr sum ||z|| / sum ||s||.
+    The step size stays a 0-d tensor on x's device (no host sync): with r = mean ||z|| /
+    mean ||s||, e = 2 alpha snr^2 r^2 and sqrt(2 e) = 2 sqrt(alpha) snr r.
     """
 
     def prepare(self, pc: PCContext) -> None:
@@ -340,7 +340,7 @@ class LangevinCorrector(Corrector):
         for _ in range(self.n_steps):
             score = pc.score(x, t)
             noise = pc.randn_like(x)
-            ratio = _norm_sum(noise, ones).div_(_norm_sum(score, ones))  # 0-d tensors
+            ratio = _norm_mean(noise, ones).div_(_norm_mean(score, ones))  # 0-d tensors
             x_mean = torch.addcmul(x, ratio.square().mul_(self._two_alpha_snr2[step]), score)
             x = torch.addcmul(x_mean, ratio.mul_(self._noise_coef[step]), noise)
         return x, x_mean
