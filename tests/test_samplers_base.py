@@ -238,3 +238,45 @@ def test_sampler_registry_maps_cli_names_to_sampler_classes() -> None:
     for name, cls in SAMPLERS.items():
         assert issubclass(cls, Sampler), name
         assert isinstance(cls(VPSDE()), Sampler), name
+
+
+# --- the cached time tensors -------------------------------------------------------------------
+
+
+def test_time_tensors_survive_a_score_that_writes_into_t() -> None:
+    """Grid times are cached across runs as read-only [B] views; at B = 1 a score can write
+    into t in place, which must not change the times later runs see."""
+    sampler = ODESampler(SDE, "heun", num_steps=3)
+    expected = [1.0, 1.0 + (1e-3 - 1.0) / 3]
+
+    def vandal(x, t):
+        t.mul_(0.0)  # allowed at B = 1 (a size-1 dimension does not overlap itself)
+        return -x
+
+    sampler.sample(vandal, (1, 2), generator=gen())
+    seen = []
+
+    def record(x, t):
+        seen.append(float(t[0]))
+        return -x
+
+    sampler.sample(record, (1, 2), generator=gen())
+    assert seen[:2] == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+def test_time_tensors_made_under_inference_mode_work_with_autograd() -> None:
+    """A run inside torch.inference_mode fills the time cache; a later run whose score
+    differentiates through t (as guidance does) must still work."""
+    sampler = ODESampler(SDE, "euler", num_steps=2)
+    with torch.inference_mode():
+        sampler.sample(SCORE, (4, 2), generator=gen())
+
+    def grad_score(x, t):
+        with torch.enable_grad():
+            y = x.detach().requires_grad_(True)
+            energy = (t[:, None] * y.square()).sum() / 2
+            (g,) = torch.autograd.grad(energy, y)
+        return -g
+
+    out = sampler.sample(grad_score, (4, 2), generator=gen())
+    assert torch.isfinite(out).all()

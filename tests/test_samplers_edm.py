@@ -55,6 +55,31 @@ def test_one_step_is_euler_in_edm_variables() -> None:
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_heun_steps_by_hand() -> None:
+    """Three steps of Algorithm 2 without churn written out in EDM's variables: Heun on the
+    first two, Euler on the last (float64, to round-off)."""
+    sde = VPSDE()
+    score = GM.score_fn(sde)
+    x = torch.randn(20, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    grid = torch.tensor([0.9, 0.5, 0.2, 0.05], dtype=torch.float64)
+    out = EDMSampler(sde, time_grid=grid).sample(score, (0,), x_init=x)
+    alpha, sigma = sde.alpha(grid).tolist(), sde.sigma(grid).tolist()
+    sig = [s / a for s, a in zip(sigma, alpha, strict=True)]
+
+    def slope(x_hat, i):  # (x_hat - D) / sigma_edm = eps_hat = -sigma_t s(alpha_t x_hat, t)
+        t = torch.full((x_hat.shape[0],), float(grid[i]), dtype=torch.float64)
+        return -sigma[i] * score(alpha[i] * x_hat, t)
+
+    x_hat = x / alpha[0]
+    for i in range(3):
+        d = slope(x_hat, i)
+        x_next = x_hat + (sig[i + 1] - sig[i]) * d
+        if i < 2:
+            x_next = x_hat + (sig[i + 1] - sig[i]) * 0.5 * (d + slope(x_next, i + 1))
+        x_hat = x_next
+    torch.testing.assert_close(out, alpha[-1] * x_hat, rtol=1e-12, atol=1e-12)
+
+
 def test_churn_levels_and_times() -> None:
     """sigma_hat = sigma_i (1 + gamma) with gamma = min(S_churn/N, sqrt 2 - 1) inside
     [S_tmin, S_tmax], capped at sigma_edm(T); t_hat solves sigma(t)/alpha(t) = sigma_hat."""

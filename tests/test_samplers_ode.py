@@ -253,6 +253,59 @@ def test_heun_step_by_hand() -> None:
     torch.testing.assert_close(out, x)
 
 
+def _hand_fixed_steps(method: str, sde, score, x, grid):
+    """Midpoint / classical RK4 written out as in a textbook, d = f x - g^2 s / 2."""
+
+    def d(y, t):
+        t = t.expand(y.shape[0])
+        f, g = sde.drift_coef(t)[:, None], sde.diffusion_coef(t)[:, None]
+        return f * y - 0.5 * g**2 * score(y, t)
+
+    for k in range(grid.numel() - 1):
+        t0, t1 = grid[k], grid[k + 1]
+        h, tm = t1 - t0, 0.5 * (grid[k] + grid[k + 1])
+        if method == "midpoint":
+            x = x + h * d(x + 0.5 * h * d(x, t0), tm)
+            continue
+        k1 = d(x, t0)
+        k2 = d(x + 0.5 * h * k1, tm)
+        k3 = d(x + 0.5 * h * k2, tm)
+        k4 = d(x + h * k3, t1)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+@pytest.mark.parametrize("method", ["rk4", "midpoint"])
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_rk4_and_midpoint_steps_by_hand(method: str, sde_name: str) -> None:
+    """The in-place stage arithmetic is the textbook method, to round-off (float64), on a
+    quadratic grid (and encoding runs the same steps forwards)."""
+    sde = SDES[sde_name]
+    score = GM.score_fn(sde)
+    x = prior(sde, 16, seed=3)
+    sampler = ODESampler(sde, method, num_steps=3, time_grid="quadratic", eps=0.05)
+    out = sampler.sample(score, x.shape, x_init=x)
+    grid = time_grid(sde, 3, "quadratic", eps=0.05)
+    torch.testing.assert_close(out, _hand_fixed_steps(method, sde, score, x, grid))
+    z = sampler.encode(score, out)
+    torch.testing.assert_close(z, _hand_fixed_steps(method, sde, score, out, grid.flip(0)))
+    assert sampler.nfe == 3 * {"rk4": 4, "midpoint": 2}[method]
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun", "rk4"])
+def test_score_returning_its_input_is_not_overwritten(method: str) -> None:
+    """The stages are updated in place: a score_fn that returns its argument itself
+    (s(x) = x) or a view of it gives the same result as one that returns a copy."""
+    sde = VPSDE()
+    x = prior(sde, 8, seed=1)
+    sampler = ODESampler(sde, method, num_steps=4)
+    ref = sampler.sample(lambda y, t: y.clone(), x.shape, x_init=x)
+    same = sampler.sample(lambda y, t: y, x.shape, x_init=x)
+    view = sampler.sample(lambda y, t: y.view(y.shape), x.shape, x_init=x)
+    torch.testing.assert_close(same, ref, rtol=0, atol=0)
+    torch.testing.assert_close(view, ref, rtol=0, atol=0)
+
+
 def test_time_grids_all_converge() -> None:
     sde = CosineVPSDE()
     score = SMOOTH.score_fn(sde)
@@ -295,3 +348,31 @@ def test_encode_validation() -> None:
         sampler.encode("score", torch.zeros(3, 2))
     with pytest.raises(TypeError, match="sde"):
         ODESampler("vp")
+
+
+def test_plans_of_user_sdes_with_other_state_are_not_shared() -> None:
+    """Per-grid coefficients are cached by the SDE's scalar settings; a user SDE may hold a
+    tensor (here a scaled VP schedule) that the scalars do not show, so two such SDEs must
+    not share a plan."""
+
+    class ScaledVP(VPSDE):
+        name = None  # a user SDE
+
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.scale = torch.tensor(scale, dtype=torch.float64)  # not a scalar setting
+
+        def drift_coef(self, t):
+            return super().drift_coef(t) * self.scale
+
+        def diffusion_coef(self, t):
+            return super().diffusion_coef(t) * self.scale.sqrt()
+
+    x = prior(VPSDE(), 8, seed=2)
+    outs = []
+    for scale in (1.0, 0.5):
+        sde = ScaledVP(scale)
+        sampler = ODESampler(sde, "euler", num_steps=3)
+        outs.append(sampler.sample(lambda y, t: -2.0 * y, x.shape, x_init=x))
+    # the drift f x - g^2 s / 2 = beta x / 2 (with s = -2x) scales with the schedule
+    assert not torch.allclose(outs[0], outs[1], rtol=1e-3, atol=0)

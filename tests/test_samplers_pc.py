@@ -205,6 +205,42 @@ def test_pc_matches_reference_formulas(sde, predictor, corrector, denoise) -> No
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(32, 2), (32, 1, 3, 3), (32, 2, 4, 4)])
+def test_langevin_step_is_the_reference_formula(shape: tuple[int, ...]) -> None:
+    """One Langevin corrector step against Song et al.'s formula with torch.norm on the
+    flattened state: 2-D, 9 features (the matrix-vector norms) and 32 features
+    (vector_norm), float64 to round-off and float32 to float32 round-off."""
+    sde = with_num_steps(VPSDE(), 100)
+    gm = random_mixture(math.prod(shape[1:]), 3, seed=4)
+    flat_score = gm.score_fn(sde)
+
+    def score_fn(x, t):
+        return flat_score(x.reshape(x.shape[0], -1), t).reshape(x.shape)
+
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        sampler = PCSampler(sde, predictor=None, corrector="langevin", num_steps=100, snr=0.2)
+        x0 = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        steps: list[torch.Tensor] = []
+
+        def keep_first(i, t, x, steps=steps):
+            if i == 0:
+                steps.append(x.clone())
+
+        sampler.sample(
+            score_fn, None, x_init=x0, generator=torch.Generator().manual_seed(2),
+            callback=keep_first,
+        )  # fmt: skip
+        gen = torch.Generator().manual_seed(2)
+        t = torch.full((shape[0],), sde.T, dtype=dtype)
+        s = score_fn(x0, t)
+        z = torch.randn(shape, generator=gen, dtype=dtype)
+        z_norm = torch.norm(z.reshape(shape[0], -1), dim=-1).mean()
+        s_norm = torch.norm(s.reshape(shape[0], -1), dim=-1).mean()
+        e = (0.2 * z_norm / s_norm) ** 2 * 2 * float(sde.alphas[-1])
+        expected = x0 + e * s + torch.sqrt(2 * e) * z
+        torch.testing.assert_close(steps[0], expected, rtol=tol, atol=tol)
+
+
 def test_num_steps_uses_the_chain_with_that_many_steps() -> None:
     """num_steps=50 on an N=1000 SDE is the reference run with N=50 (betas rescaled)."""
     a = PCSampler(VPSDE(), num_steps=50)

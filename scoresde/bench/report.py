@@ -215,7 +215,7 @@ def _overhead_md(results: dict) -> list[str]:
     ov = results["overhead"]
     out = [
         f"## Per-step overhead (trivial model score = -x, batch {ov['batch']} x 2, "
-        f"{ov['dtype']}, {ov['num_steps']} steps, fastest of {ov['repeats']})",
+        f"{ov['dtype']}, {ov['num_steps']} steps, fastest of >= {ov['repeats']} rounds)",
         "",
         f"Bare torch update (x <- a x + b (-x)): {_fmt(ov['bare_us_per_step'], 1)} us per step"
         + (
@@ -224,18 +224,30 @@ def _overhead_md(results: dict) -> list[str]:
             if "bare_noise_us_per_step" in ov
             else "."
         ),
-        "Times are the fastest of the repeats (the machine is shared); medians in the JSON.",
+        f"Clock: {ov.get('clock', 'wall time')}. "
+        "Times are the fastest of the rounds (the machine is shared; a method and its "
+        "references are timed in turn in each round, for at least the given number of rounds "
+        "and then, up to 4x as many, until no side's fastest time improves by over 1 % for a "
+        "third of them); medians and round counts in the JSON.",
         "",
     ]
     if "bare_multistep_us_per_step" in ov:
         ms = ov["bare_multistep_us_per_step"]
-        out += [
+        line = (
             "'Same update': a bare torch loop doing the same work per step - one bare update "
             "per score evaluation (plus one torch.randn each for stochastic methods), or for "
             "DPM-Solver++ kM the plain multistep update x <- r x + sum_j w_j d_j over k past "
-            f"data predictions (2M: {_fmt(ms['2'], 1)} us, 3M: {_fmt(ms['3'], 1)} us).",
-            "",
-        ]
+            f"data predictions (2M: {_fmt(ms['2'], 1)} us, 3M: {_fmt(ms['3'], 1)} us)"
+        )
+        if "bare_rk4_us_per_step" in ov:
+            line += (
+                f"; for RK4 four bare updates as slopes plus the three stage axpys and the "
+                f"weighted combination ({_fmt(ov['bare_rk4_us_per_step'], 1)} us); for PC "
+                "with the Langevin corrector the predictor's noisy update plus the corrector's "
+                "(score, randn, the batch-mean norms of z and s, the step size, "
+                f"x + e s + sqrt(2e) z) ({_fmt(ov['bare_pc_us_per_step'], 1)} us)"
+            )
+        out += [line + ".", ""]
     out += [
         "| method | stochastic | us per step | ratio to bare | ratio to bare + randn "
         "| ratio to the same update (which) | NFE per step |",

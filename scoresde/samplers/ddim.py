@@ -94,18 +94,19 @@ class DDIMSampler(Sampler):
             raise ValueError(f"eta must be in [0, 1], got {eta!r}")
         self.denoise = check_bool("denoise", denoise)
 
-    def _plan(self) -> tuple[Coefficients, list[tuple[float, float, float]], list]:
+    def _plan(self) -> tuple[Coefficients, list[tuple[float, float, float]], list, dict]:
         co = Coefficients(self.sde, make_grid(self.sde, self.num_steps, self.time_grid, self.eps))
         steps = ddim_coefficients(co, self.eta)
         fused = []
         for i, (a, b, _) in enumerate(steps):
             k = a + b / co.alpha[i]
             fused.append((k, b * co.sigma[i] ** 2 / (co.alpha[i] * k)))
-        return co, steps, fused
+        return co, steps, fused, {}  # {}: the memo of CountedScore.preload
 
     def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
         key = (self.num_steps, grid_key(self.time_grid), self.eps, self.eta)
-        co, steps, fused = cached(self, key, self._plan)
+        co, steps, fused, preloaded = cached(self, key, self._plan)
+        ctx.score.preload(co.t, x, preloaded)
         for i in ctx.steps(len(steps)):
             a, b, c = steps[i]
             # a x + (b / alpha_t) (x + sigma_t^2 s) = k (x + (b sigma_t^2 / (alpha_t k)) s),

@@ -76,10 +76,11 @@ class EDMSampler(Sampler):
         self.rho = check_positive("rho", rho)
         self.denoise = check_bool("denoise", denoise)
 
-    def _plan(self) -> tuple[list[tuple[float, ...]], float, float, float, float]:
+    def _plan(self) -> tuple[list[tuple[float, ...]], float, float, float, float, list, dict]:
         """Per step (t_hat, alpha_hat, sigma_hat_t, sigma_hat_edm, churn std, t_next,
-        alpha_next, sigma_next, sigma_next_edm), then the end's (t, alpha, sigma) and the
-        start's alpha."""
+        alpha_next, sigma_next, sigma_next_edm), then the end's (t, alpha, sigma), the
+        start's alpha, every time the score is evaluated at and the memo of
+        `CountedScore.preload`."""
         sde = self.sde
         grid = make_grid(sde, self.num_steps, self.time_grid, self.eps, self.rho)
         n = grid.numel() - 1
@@ -106,12 +107,14 @@ class EDMSampler(Sampler):
         plan = list(zip(*(c.tolist() for c in cols), strict=True))
         t_end = float(grid[-1])
         ends = (float(sde.alpha(grid[-1])), float(sde.sigma(grid[-1])), float(sde.alpha(grid[0])))
-        return plan, t_end, *ends
+        times = [row[0] for row in plan] + [row[5] for row in plan]
+        return plan, t_end, *ends, times, {}
 
     def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
         key = (self.num_steps, grid_key(self.time_grid), self.eps, self.rho, self.S_churn)
         key += (self.S_tmin, self.S_tmax, self.S_noise)
-        plan, t_end, a_end, s_end, a_start = cached(self, key, self._plan)
+        plan, t_end, a_end, s_end, a_start, times, preloaded = cached(self, key, self._plan)
+        ctx.score.preload(times, x, preloaded)
         last = len(plan) - 1
         x = x * (1.0 / a_start)  # x_hat at the grid's first time (T unless a user grid)
         plain = ctx.callback is None  # no callback: the guard may look at x_hat directly

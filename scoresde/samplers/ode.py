@@ -50,7 +50,7 @@ from scoresde.samplers.base import (
     Sampler,
     SamplingContext,
 )
-from scoresde.samplers.toolkit import check_grid, make_grid
+from scoresde.samplers.toolkit import cached, check_grid, grid_key, make_grid
 from scoresde.sdes import SDE
 
 __all__ = ["ODESampler", "FIXED_METHODS", "ADAPTIVE_METHODS"]
@@ -81,11 +81,25 @@ class _FixedSteps:
         (f0, c0), (fm, cm), (f1, c1) = (pf_coefficients(sde, t) for t in (t0, tm, t1))
         self.f0, self.fm, self.f1 = f0.tolist(), fm.tolist(), f1.tolist()
         self.c0, self.cm, self.c1 = c0.tolist(), cm.tolist(), c1.tolist()
+        # every time a method evaluates the score at (for `CountedScore.preload`)
+        self.times = self.t0 + self.tm + self.t1
+        self.preloaded: dict = {}
 
 
-def _drift(ctx: SamplingContext, x: Tensor, t: float, f: float, c: float) -> Tensor:
-    """d(x, t) = f x - c s(x, t) (one NFE)."""
-    return torch.add(x * f, ctx.score(x, t), alpha=-c)
+# The steps below do the minimum of tensor work: the state x is never written (a callback
+# may keep it), each stage's input is a fresh buffer that becomes that stage's slope in
+# place (CountedScore guarantees the score does not share its memory), and slopes are
+# summed in place. The arithmetic is that of the textbook formulas, in the same order.
+
+
+def _slope(x: Tensor, score: Tensor, f: float, c: float) -> Tensor:
+    """d = f x - c s as a new tensor (x is not written)."""
+    return torch.mul(x, f).add_(score, alpha=-c)
+
+
+def _slope_(buf: Tensor, score: Tensor, f: float, c: float) -> Tensor:
+    """d = f x - c s written over x = `buf` (a stage input no longer needed)."""
+    return buf.mul_(f).add_(score, alpha=-c)
 
 
 def _euler(ctx: SamplingContext, x: Tensor, k: _FixedSteps, i: int) -> Tensor:
@@ -96,26 +110,32 @@ def _euler(ctx: SamplingContext, x: Tensor, k: _FixedSteps, i: int) -> Tensor:
 
 def _midpoint(ctx: SamplingContext, x: Tensor, k: _FixedSteps, i: int) -> Tensor:
     h = k.h[i]
-    d0 = _drift(ctx, x, k.t0[i], k.f0[i], k.c0[i])
-    dm = _drift(ctx, torch.add(x, d0, alpha=0.5 * h), k.tm[i], k.fm[i], k.cm[i])
+    d0 = _slope(x, ctx.score(x, k.t0[i]), k.f0[i], k.c0[i])
+    xm = torch.add(x, d0, alpha=0.5 * h)
+    dm = _slope_(xm, ctx.score(xm, k.tm[i]), k.fm[i], k.cm[i])
     return torch.add(x, dm, alpha=h)
 
 
 def _heun(ctx: SamplingContext, x: Tensor, k: _FixedSteps, i: int) -> Tensor:
     h = k.h[i]
-    d0 = _drift(ctx, x, k.t0[i], k.f0[i], k.c0[i])
-    d1 = _drift(ctx, torch.add(x, d0, alpha=h), k.t1[i], k.f1[i], k.c1[i])
+    d0 = _slope(x, ctx.score(x, k.t0[i]), k.f0[i], k.c0[i])
+    x1 = torch.add(x, d0, alpha=h)
+    d1 = _slope_(x1, ctx.score(x1, k.t1[i]), k.f1[i], k.c1[i])
     return torch.add(x, d0.add_(d1), alpha=0.5 * h)
 
 
 def _rk4(ctx: SamplingContext, x: Tensor, k: _FixedSteps, i: int) -> Tensor:
-    h = k.h[i]
-    k1 = _drift(ctx, x, k.t0[i], k.f0[i], k.c0[i])
-    k2 = _drift(ctx, torch.add(x, k1, alpha=0.5 * h), k.tm[i], k.fm[i], k.cm[i])
-    k3 = _drift(ctx, torch.add(x, k2, alpha=0.5 * h), k.tm[i], k.fm[i], k.cm[i])
-    k4 = _drift(ctx, torch.add(x, k3, alpha=h), k.t1[i], k.f1[i], k.c1[i])
-    total = k1.add_(k4).add_(k2.add_(k3), alpha=2.0)
-    return torch.add(x, total, alpha=h / 6)
+    h, tm, fm, cm = k.h[i], k.tm[i], k.fm[i], k.cm[i]
+    k1 = _slope(x, ctx.score(x, k.t0[i]), k.f0[i], k.c0[i])
+    x2 = torch.add(x, k1, alpha=0.5 * h)
+    k2 = _slope_(x2, ctx.score(x2, tm), fm, cm)
+    x3 = torch.add(x, k2, alpha=0.5 * h)
+    k3 = _slope_(x3, ctx.score(x3, tm), fm, cm)
+    x4 = torch.add(x, k3, alpha=h)
+    k2.add_(k3)
+    k4 = _slope_(x4, ctx.score(x4, k.t1[i]), k.f1[i], k.c1[i])
+    # x + h/6 (k1 + 2 k2 + 2 k3 + k4), summed as (k1 + k4) + 2 (k2 + k3)
+    return torch.add(x, k1.add_(k4).add_(k2, alpha=2.0), alpha=h / 6)
 
 
 _STEPS = {"euler": _euler, "midpoint": _midpoint, "heun": _heun, "rk4": _rk4}
@@ -198,14 +218,17 @@ class ODESampler(Sampler):
     def _solve(self, ctx: SamplingContext, x: Tensor, *, forward: bool) -> Tensor:
         if self.method in ADAPTIVE_METHODS:
             return self._solve_adaptive(ctx, x, forward)
-        grid = make_grid(self.sde, self.num_steps, self.time_grid, self.eps)
-        if forward:
-            grid = grid.flip(0)
-        k = _FixedSteps(self.sde, grid)
+        key = (self.num_steps, grid_key(self.time_grid), self.eps, forward)
+        k = cached(self, key, lambda: self._fixed_steps(forward))
+        ctx.score.preload(k.times, x, k.preloaded)
         step = _STEPS[self.method]
         for i in ctx.steps(len(k.h)):
             x = ctx.after_step(i, k.t1[i], step(ctx, x, k, i))
         return x
+
+    def _fixed_steps(self, forward: bool) -> _FixedSteps:
+        grid = make_grid(self.sde, self.num_steps, self.time_grid, self.eps)
+        return _FixedSteps(self.sde, grid.flip(0) if forward else grid)
 
     def _solve_adaptive(self, ctx: SamplingContext, x: Tensor, forward: bool) -> Tensor:
         ends = (self.eps, self.sde.T) if forward else (self.sde.T, self.eps)

@@ -5,7 +5,10 @@ t = T (a prior draw or the user's x_init, `[B, *D]`) to the data end and returns
 the base class does validation, the prior draw, noise, NFE counting, progress bars, the
 user's callback and NaN/Inf detection. Inside `_sample`:
 
-- `ctx.score(x, t)`: the score (t a float or `[B]`; one call = one NFE, shape checked);
+- `ctx.score(x, t)`: the score (t a float or `[B]`; one call = one NFE, shape checked;
+  the result never shares memory with x, so it and a stage buffer passed as x may be
+  updated in place); float times become cached `[B]` tensors, `ctx.score.preload(times, x)`
+  makes a whole grid's at once;
 - `ctx.randn_like(x)`: noise from the user's generator (or per-sample streams);
 - `ctx.steps(n)`: range(n) with a progress bar;
 - `ctx.after_step(i, t, x)`: the NaN/Inf check (`NonFiniteError` with step and time) and
@@ -30,6 +33,7 @@ cosine VP alike.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -117,8 +121,12 @@ _MAX_PLANS = 32
 
 
 def _sde_key(sde: SDE) -> tuple[Any, ...]:
-    """The SDE's class and scalar settings (its tensors derive from them)."""
+    """The SDE's class and scalar settings: a built-in SDE's tensors derive from them. A
+    user's SDE (no `name`) may hold other state (e.g. a tabulated schedule), so its plans are
+    also keyed by the object itself."""
     scalars = sorted((k, v) for k, v in vars(sde).items() if isinstance(v, (bool, int, float, str)))
+    if getattr(sde, "name", None) is None:
+        return (type(sde), id(sde), *scalars)
     return (type(sde), *scalars)
 
 
@@ -132,11 +140,13 @@ def cached(owner: Any, key: tuple[Any, ...], build: Any) -> Any:
     plans are kept.
     """
     full_key = (type(owner), _sde_key(owner.sde), *key)
-    plan = _PLANS.get(full_key)
-    if plan is None:
-        plan = _PLANS[full_key] = build()
+    entry = _PLANS.get(full_key)
+    # (a user SDE's id may be reused by a new object once it is freed: check it is the same)
+    if entry is None or (entry[1] is not None and entry[1]() is not owner.sde):
+        owner_ref = None if getattr(owner.sde, "name", None) else weakref.ref(owner.sde)
+        entry = _PLANS[full_key] = (build(), owner_ref)
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
     else:
         _PLANS.move_to_end(full_key)
-    return plan
+    return entry[0]
