@@ -12,8 +12,8 @@ number of processes; rank r computes chunks r, r + K, r + 2K, ... and rank 0 gat
 order. Each chunk is sampled with `batch_invariant=True`, a fresh generator seeded with the
 run's seed (so every chunk uses the same 64-bit Philox key) and `sample_offset` = its first
 sample's index, so K processes write exactly the samples of one process with the same seed
-and batch size, and (except PC with the Langevin corrector, whose step size averages over
-its batch) the batch size does not change them either.
+and batch size, and the batch size does not change them either (PC's Langevin corrector
+then takes its step size from reference particles, not from the batch).
 
 Design of data parallelism in `scoresde.training`: every rank draws the same *global*
 batch indices and loss noise from identically seeded generators and keeps its slice, so

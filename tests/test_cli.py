@@ -195,6 +195,20 @@ def test_every_sampler_runs(run_2d: Path, tmp_path: Path) -> None:
         assert x.shape == (50, 2) and np.isfinite(x).all(), name
 
 
+def test_pc_sample_does_not_depend_on_batch_size(run_2d: Path, tmp_path: Path) -> None:
+    """--sampler pc (Langevin corrector) used to take its step size from the batch, so
+    --batch-size changed its samples; its reference particles make them the same."""
+    argv = ["sample", str(run_2d), "--sampler", "pc", "--steps", "25", "--num", "12"]
+    argv += ["--seed", "4", "--quiet", "--device", "cpu"]
+    got = {}
+    for bs in (12, 5):
+        out = tmp_path / f"pc{bs}.npz"
+        assert _run([*argv, "--batch-size", str(bs), "--out", str(out)]) == 0
+        got[bs] = np.load(out)["samples"]
+    assert got[12].shape == (12, 2) and np.isfinite(got[12]).all()
+    np.testing.assert_allclose(got[5], got[12], rtol=1e-6, atol=1e-6)
+
+
 def test_likelihood_matches_the_library(run_2d: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from scoresde.data import load_data
     from scoresde.likelihood import log_likelihood

@@ -198,3 +198,31 @@ def test_likelihood_probes_per_point_do_not_depend_on_batches() -> None:
     # The sharding entry point in one process: the same values, and a total NFE.
     logp, nfe = log_likelihood(score, sde, x, batch_size=2, seed=2, info=SINGLE, **kw)
     assert torch.equal(logp, runs[0]) and nfe > 0
+
+
+_THREADS_AFTER_SHUTDOWN = """
+import glob, sys
+import torch.distributed as dist
+from scoresde import distributed as sdist
+from scoresde.cli._common import _load_checkpoint
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+_load_checkpoint(sys.argv[1], "cpu")  # builds the model on the meta device first
+sdist.shutdown()
+print(sorted(open(p).read().strip() for p in glob.glob("/proc/self/task/*/comm")))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_loading_a_model_leaves_no_gloo_threads_after_shutdown(tmp_path: Path) -> None:
+    """Rank 1 of `torchrun -m scoresde sample` died now and then with SIGABRT ("terminate
+    called without an active exception") after the output was written: loading the model
+    ran a seeded randn on the meta device, which imports torch._dynamo, and that kept the
+    process group alive after destroy_process_group, so its gloo threads raced the exit."""
+    model = _saved_model(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-c", _THREADS_AFTER_SHUTDOWN, str(model), str(tmp_path / "store")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    threads = proc.stdout.strip().splitlines()[-1]
+    assert "gloo" not in threads, threads

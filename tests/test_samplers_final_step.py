@@ -106,25 +106,25 @@ def test_batch_invariant_must_be_a_bool(value) -> None:
         )
 
 
-def test_pc_with_langevin_warns_that_it_is_not_batch_invariant() -> None:
-    """Issue 16.5: docs/solvers.md said every sampler is batch-invariant; PC's Langevin step
-    averages norms over the batch. It says so (warning + docs); "ald" is invariant."""
-    from scoresde.samplers.pc import BatchDependenceWarning
+def test_pc_with_langevin_is_batch_invariant_through_reference_particles() -> None:
+    """Issue 16.5: PC's Langevin step averages norms over the batch, so batch_invariant=True
+    used to warn. It now takes the step from reference particles: sample i is bit-identical
+    in batches of 4 and 64 and under sample_offset, with no warning. (Without
+    batch_invariant the step still uses the batch: test_samplers_pc checks the formula.)"""
+    import warnings
 
     score = GM.score_fn(VPSDE())
     pc = PCSampler(VPSDE(), num_steps=30)
 
-    def draw(sampler, n):
+    def draw(n, **kw):
         gen = torch.Generator().manual_seed(3)
-        return sampler.sample(score, (n, 2), generator=gen, batch_invariant=True)
+        return pc.sample(score, (n, 2), generator=gen, **kw)
 
-    with pytest.warns(BatchDependenceWarning, match="corrector='ald'"):
-        small, large = draw(pc, 4), draw(pc, 64)
-    assert not torch.allclose(small, large[:4])  # the claim the warning makes
-    import warnings
-
-    ald = PCSampler(VPSDE(), corrector="ald", num_steps=30)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        torch.testing.assert_close(draw(ald, 4), draw(ald, 64)[:4])
-        pc.sample(score, (4, 2))  # no promise of invariance, no warning
+        small, large = draw(4, batch_invariant=True), draw(64, batch_invariant=True)
+        tail = draw(60, batch_invariant=True, sample_offset=4)
+    assert torch.equal(small, large[:4]) and torch.equal(tail, large[4:])
+    assert pc.nfe == 60 and pc.reference_nfe == 59  # the last predictor step needs no refs
+    draw(4)
+    assert pc.nfe == 60 and pc.reference_nfe == 0

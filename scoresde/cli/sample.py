@@ -60,9 +60,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--batch-size",
         type=_positive_int,
         default=1024,
-        help="samples per batch (1024); the samples do not depend on it (except with --sampler "
-        "pc, whose Langevin step size averages over a batch) nor on the number of processes "
-        "under torchrun, which share out the batches",
+        help="samples per batch (1024); the samples do not depend on it nor on the number of "
+        "processes under torchrun, which share out the batches",
     )
     p.add_argument("--out", default="samples.npz", help="output .npz (default samples.npz)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
@@ -104,10 +103,7 @@ def _use_calibration(args: argparse.Namespace, model: Any, sampler: Any) -> Any:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import warnings
-
     from scoresde import distributed as sdist
-    from scoresde.samplers.pc import BatchDependenceWarning
 
     device = _setup_torch(args)
     out = Path(args.out)
@@ -122,21 +118,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     # Global batches of --batch-size, each with per-sample noise streams: the samples are
     # those of one process whatever the number of processes (see scoresde.distributed).
-    with warnings.catch_warnings():
-        # PC's Langevin step depends on the batch: --help says so; the batches themselves do
-        # not depend on the number of processes, so torchrun still matches one process.
-        warnings.simplefilter("ignore", BatchDependenceWarning)
-        x = sdist.sample(
-            sampler,
-            model,
-            args.num,
-            data_shape,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=device,
-            progress=not args.quiet,
-            info=info,
-        )
+    x = sdist.sample(
+        sampler,
+        model,
+        args.num,
+        data_shape,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=device,
+        progress=not args.quiet,
+        info=info,
+    )
     seconds = time.perf_counter() - start
     nfe = sampler.nfe_total
     if x is None:  # not rank 0: its batches went to rank 0

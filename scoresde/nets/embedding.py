@@ -28,7 +28,12 @@ class FourierTimeEmbedding(nn.Module):
         super().__init__()
         dim = _check_even_dim(dim)
         g = torch.Generator().manual_seed(seed)
-        self.register_buffer("W", torch.randn(dim // 2, generator=g) * scale)
+        # Drawn on the generator's device (the CPU) whatever the default device: under
+        # `with torch.device("meta")` (the checkpoint readers' shape check) a seeded randn on
+        # meta imports ~800 modules (dynamo), one of which keeps the process group of a
+        # torchrun worker alive after destroy_process_group: its gloo threads then race the
+        # interpreter's exit (rare SIGABRT, "terminate called without an active exception").
+        self.register_buffer("W", torch.randn(dim // 2, generator=g, device=g.device) * scale)
 
     def forward(self, t: Tensor) -> Tensor:
         proj = 2 * math.pi * t[:, None] * self.W[None].to(t.dtype)

@@ -415,6 +415,6 @@ class Sampler(abc.ABC):
 
     def __repr__(self) -> str:
         fields = ", ".join(
-            f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "nfe"
+            f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and "nfe" not in k
         )
         return f"{type(self).__name__}({fields})"

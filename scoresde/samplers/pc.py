@@ -26,7 +26,7 @@ Correctors:
   e = 2 alpha_i (snr ||z|| / ||s||)^2; the norms are taken per sample over all non-batch
   dimensions and averaged over the batch, as in the reference; alpha_i = 1 - beta_i of the
   SDE's discrete chain when it has one (VP, sub-VP and cosine VP; the reference crashes on
-  sub-VP), 1 otherwise (VE).
+  sub-VP), 1 otherwise (VE); with `batch_invariant=True`, over reference particles.
 - "ald": annealed Langevin dynamics (Song & Ermon 2019), e = 2 alpha_i (snr sigma(t))^2.
 
 With `num_steps` different from `sde.N`, the chain is that of the same SDE with N =
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import abc
 import copy
-import warnings
 from typing import Any
 
 import torch
@@ -50,6 +49,11 @@ import torch
 from scoresde._typing import Tensor
 from scoresde._validation import check_bool, check_eps, check_positive, check_positive_int
 from scoresde.samplers.base import Sampler, SamplingContext
+from scoresde.samplers.langevin_reference import (
+    _MV_NORM_MAX_FEATURES,
+    LangevinReference,
+    _norm_mean,
+)
 from scoresde.samplers.toolkit import cached, check_grid, grid_key, make_grid
 from scoresde.sdes import SDE
 
@@ -63,6 +67,7 @@ __all__ = [
     "ReverseDiffusionPredictor",
     "AncestralSamplingPredictor",
     "LangevinCorrector",
+    "LangevinReference",
     "AnnealedLangevinCorrector",
     "PREDICTORS",
     "CORRECTORS",
@@ -71,8 +76,7 @@ __all__ = [
 
 
 class BatchDependenceWarning(UserWarning):
-    """`batch_invariant=True` was asked of a sampler setting whose samples depend on the
-    batch (PC with the Langevin corrector)."""
+    """Kept for user code that filters it (PC + Langevin no longer depends on the batch)."""
 
 
 # --- the chain of an SDE with a given number of steps ----------------------------------------
@@ -126,6 +130,8 @@ class PCContext:
         self.times: list[float] = times.tolist()
         self.dt = sde.T / sde.N
         self.probability_flow = probability_flow
+        # The Langevin reference particles of a batch-invariant run (None otherwise).
+        self.reference: LangevinReference | None = None
 
     def score(self, x: Tensor, t: Any) -> Tensor:
         """The score s(x, t) `[B, *D]` (one counted NFE)."""
@@ -285,22 +291,6 @@ def _langevin_alphas(pc: PCContext) -> list[float]:
     return [1.0] * len(pc.times)
 
 
-# Up to this many features per sample, the per-sample norms are sqrt((v * v) @ 1) (a BLAS
-# matrix-vector product) on the CPU: a reduction over a short inner dimension is slow there
-# (10,000 x 2: 20 us instead of vector_norm's 55 us; they break even near 16-32 features).
-_MV_NORM_MAX_FEATURES = 16
-
-
-def _norm_mean(v: Tensor, ones: Tensor | None) -> Tensor:
-    """mean_b ||v_b|| over all non-batch dimensions (a 0-d tensor, no host sync); `ones` is
-    a vector of ones of the feature count for the matrix-vector path, or None. (A mean, not
-    a sum: the sum of a large half-precision batch's norms would overflow.)"""
-    flat = v.reshape(v.shape[0], -1)
-    if ones is None:
-        return torch.linalg.vector_norm(flat, dim=1).mean()
-    return torch.mv(flat.square(), ones).sqrt_().mean()
-
-
 class LangevinCorrector(Corrector):
     """Langevin MCMC with the reference's step size e = 2 alpha_i (snr ||z|| / ||s||)^2:
     x_mean = x + e s, x = x_mean + sqrt(2 e) z.
@@ -308,13 +298,24 @@ class LangevinCorrector(Corrector):
     As in the reference, ||z|| and ||s|| are per-sample norms over all non-batch dimensions
     averaged over the batch, so one step size serves the whole batch. (A per-sample step
     size is not offered: in low dimensions a sample near a mode has ||s|| ~ 0 and its step
-    explodes; on the 2-D benchmark mixture it gave NLL ~ 10 instead of 1.26.) The samples
-    therefore depend on the batch they are drawn in, even with `batch_invariant=True`
-    (which warns); the "ald" corrector's step depends on t only.
+    explodes; on the 2-D benchmark mixture it gave NLL ~ 10 instead of 1.26.)
 
     The step size stays a 0-d tensor on x's device (no host sync): with r = mean ||z|| /
     mean ||s||, e = 2 alpha snr^2 r^2 and sqrt(2 e) = 2 sqrt(alpha) snr r.
+
+    With `batch_invariant=True` the norms come from `reference_particles` particles of
+    their own instead (`LangevinReference`: same predictor and corrector, Philox streams
+    under a key derived from the run's), so the step depends on the seed and t only and
+    sample i on no batch. Cost: one extra score call on R rows per call (`reference_nfe`).
+
+    Args:
+        snr, n_steps: as `Corrector`.
+        reference_particles: R, the number of reference particles (batch-invariant runs).
     """
+
+    def __init__(self, snr: float = 0.16, n_steps: int = 1, reference_particles: int = 256):
+        super().__init__(snr, n_steps)
+        self.reference_particles = check_positive_int("reference_particles", reference_particles)
 
     def prepare(self, pc: PCContext) -> None:
         alphas = _langevin_alphas(pc)
@@ -334,16 +335,32 @@ class LangevinCorrector(Corrector):
             self._layout = layout
         return self._ones
 
+    def step(self, x: Tensor, score: Tensor, noise: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """One Langevin step of x with the step size from x's own rows (the batch mean of
+        the norms of score and noise, `[B, *D]`): (x, the ratio r, a 0-d tensor)."""
+        ratio = _norm_mean(noise, None).div_(_norm_mean(score, None))
+        x_mean = torch.addcmul(x, ratio.square().mul_(self._two_alpha_snr2[step]), score)
+        return torch.addcmul(x_mean, ratio * self._noise_coef[step], noise), ratio
+
     def update(self, pc: PCContext, x: Tensor, t: float, step: int) -> tuple[Tensor, Tensor]:
         x_mean = x
         ones = self._ones_for(x)
         for _ in range(self.n_steps):
             score = pc.score(x, t)
             noise = pc.randn_like(x)
-            ratio = _norm_mean(noise, ones).div_(_norm_mean(score, ones))  # 0-d tensors
+            if pc.reference is not None:  # batch-invariant: the reference particles' ratio
+                ratio = pc.reference.langevin_step(self, t, step)
+            else:
+                ratio = _norm_mean(noise, ones).div_(_norm_mean(score, ones))  # 0-d tensors
             x_mean = torch.addcmul(x, ratio.square().mul_(self._two_alpha_snr2[step]), score)
             x = torch.addcmul(x_mean, ratio.mul_(self._noise_coef[step]), noise)
         return x, x_mean
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(snr={self.snr}, n_steps={self.n_steps}, "
+            f"reference_particles={self.reference_particles})"
+        )
 
 
 class AnnealedLangevinCorrector(Corrector):
@@ -435,9 +452,9 @@ class PCSampler(Sampler):
         probability_flow: the predictor follows the probability-flow ODE (no noise).
 
     NFE = num_steps * (1 [predictor] + n_steps [corrector]). The Langevin step size is
-    shared by the batch (as in the reference), so `batch_invariant=True` makes PC sampling
-    batch-invariant only with the "ald" corrector or none; with "langevin" it warns
-    (`BatchDependenceWarning`).
+    shared by the batch (as in the reference); with `batch_invariant=True` it comes from
+    the corrector's reference particles instead (see `LangevinCorrector`), whose score
+    calls are counted apart in `reference_nfe` (each on R rows; 0 when there are none).
     """
 
     def __init__(
@@ -471,6 +488,7 @@ class PCSampler(Sampler):
             )
         self._chain = with_num_steps(sde, self.num_steps)
         self._check_chain()
+        self.reference_nfe = 0
 
     def _check_chain(self) -> None:
         """A VP chain with few steps has betas >= 1 (DDPM's beta_max / N): its reverse step,
@@ -490,15 +508,6 @@ class PCSampler(Sampler):
             )
 
     def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
-        if ctx.batch_invariant and isinstance(self.corrector, LangevinCorrector):
-            warnings.warn(
-                "PCSampler with the Langevin corrector is not batch-invariant: its step size "
-                "uses norms averaged over the batch (as in Song et al.), so sample i depends "
-                "on the batch even with batch_invariant=True; use corrector='ald' or None "
-                "for batch-invariant PC samples",
-                BatchDependenceWarning,
-                stacklevel=3,
-            )
         sde = self._chain
         times = torch.linspace(sde.T, self.eps, self.num_steps, dtype=torch.float64)
         pc = PCContext(ctx, sde, times, self.probability_flow)
@@ -508,6 +517,17 @@ class PCSampler(Sampler):
             predictor.prepare(pc)
         if corrector is not None:
             corrector.prepare(pc)
+        self.reference_nfe, ref = 0, None
+        if ctx.batch_invariant and isinstance(corrector, LangevinCorrector):
+            n_ref, prior_std = corrector.reference_particles, self.sde.prior_std
+            ref = pc.reference = LangevinReference(ctx, pc, n_ref, x, prior_std)
+        try:
+            return self._loop(ctx, pc, x, ref)
+        finally:
+            self.reference_nfe = 0 if ref is None else ref.nfe
+
+    def _loop(self, ctx: SamplingContext, pc: PCContext, x: Tensor, ref: Any) -> Tensor:
+        predictor, corrector = self.predictor, self.corrector
         # Where the state is after step i: the next grid time, and ~0 after the last step.
         after = pc.times[1:] + [max(pc.times[-1] - pc.dt, 0.0)]
         last = self.num_steps - 1
@@ -518,6 +538,8 @@ class PCSampler(Sampler):
                 x, x_mean = corrector.update(pc, x, t, i)
             if predictor is not None:
                 x, x_mean = predictor.update(pc, x, t, i)
+                if ref is not None and i < last:  # no corrector step follows the last one
+                    ref.predict(predictor, t, i)
             if i == last and self.denoise:
                 out = ctx.after_step(i, after[i], x_mean)
             else:

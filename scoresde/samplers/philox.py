@@ -42,7 +42,7 @@ import torch
 from scoresde._typing import Tensor
 from scoresde.samplers import _philox_native
 
-__all__ = ["philox4x32", "check_philox", "PhiloxNormal", "KNOWN_ANSWERS"]
+__all__ = ["philox4x32", "check_philox", "derive_key", "PhiloxNormal", "KNOWN_ANSWERS"]
 
 _MASK = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
@@ -173,6 +173,20 @@ def philox4x32(counter: Tensor, key: tuple[int, int]) -> Tensor:
     y = work.run(_round_keys(key, counter.device))
     out = torch.stack([(y >> 32) & _MASK, y & _MASK], dim=1)  # [lane, (even, odd), n]
     return out.reshape(counter.shape)
+
+
+def derive_key(key: tuple[int, int], domain: int) -> tuple[int, int]:
+    """A 64-bit key for a separate family of streams (e.g. a sampler's reference particles),
+    derived from `key`: the first two output words of the counter (2^32 - 1, domain, 0, 0).
+
+    `PhiloxNormal` never uses block number 2^32 - 1 (it allows fewer than 2^32 blocks), so
+    the derived key is no noise value of the original streams.
+    """
+    if not 0 <= int(domain) <= _MASK:
+        raise ValueError(f"domain must be a 32-bit word, got {domain!r}")
+    counter = torch.tensor([[_MASK], [int(domain)], [0], [0]], dtype=torch.int64)
+    k0, k1 = philox4x32(counter, key)[:2, 0].tolist()
+    return int(k0), int(k1)
 
 
 _CHECKED: set[str] = set()
