@@ -12,6 +12,7 @@ from _fast_samplers import GM, SDES, TRUE_NLL, draw
 
 from scoresde.bench.targets import aniso_mixture_32d
 from scoresde.samplers import DPMSolverSampler
+from scoresde.samplers._multistep import sde_weights
 from scoresde.samplers.dpm_solver import stochastic_grid
 from scoresde.samplers.grids import time_grid
 from scoresde.toy import GaussianMixture
@@ -65,6 +66,17 @@ def test_default_converges_with_steps() -> None:
     ddpm = DPMSolverSampler(sde, 50, order=1, corrector=False, stochastic=True)
     gap1, _ = nll_gap(GM, draw(ddpm, sde, n=10_000, seed=32), TRUE_NLL)
     assert gap1 < -0.08  # the first-order chain under-disperses at 50 steps: not a free pass
+
+
+def test_2m_weights_are_the_papers_closed_form() -> None:
+    """SDE-DPM-Solver++ 2M integrates the linear interpolant exactly: x_s = ... +
+    alpha (1 - e^{-2h}) m0 + alpha (1 - (1 - e^{-2h}) / (2h)) (h / h1) (m0 - m1)
+    (Lu et al. 2022; diffusers' "heun" form of sde-dpmsolver++)."""
+    h, h1, a = 0.6, 0.45, 0.7
+    w0, w1 = sde_weights(h, [-h, -h - h1], a, 1.0)
+    c = a * (1 - (1 - math.exp(-2 * h)) / (2 * h)) * h / h1
+    assert w0 == pytest.approx(a * (1 - math.exp(-2 * h)) + c, rel=1e-12)
+    assert w1 == pytest.approx(-c, rel=1e-12)
 
 
 def test_tau_zero_is_the_ode_and_tau_one_the_default() -> None:
