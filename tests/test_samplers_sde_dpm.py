@@ -120,7 +120,10 @@ def test_default_grids() -> None:
             GM.score_fn(sde), (30, 2), generator=gen()
         )
         assert torch.equal(a, b), name
-    assert DPMSolverSampler(SDES["vp"], n).time_grid is None
+    assert DPMSolverSampler(SDES["vp"], n).time_grid == "quadratic"
+    assert DPMSolverSampler(SDES["vp"], n, stochastic=True).time_grid is None  # stochastic_grid
+    assert DPMSolverSampler(SDES["vp"], n).tau == 0.0
+    assert DPMSolverSampler(SDES["vp"], n, stochastic=True).tau == 1.0
 
 
 @pytest.mark.parametrize(
@@ -130,6 +133,7 @@ def test_default_grids() -> None:
         ({"stochastic": True, "tau": float("nan")}, ValueError, "tau"),
         ({"stochastic": True, "tau": "high"}, TypeError, "tau"),
         ({"tau": 0.5}, ValueError, "stochastic"),
+        ({"tau": 1.0}, ValueError, "stochastic"),
     ],
 )
 def test_tau_validation(kwargs: dict, error: type, match: str) -> None:

@@ -114,8 +114,9 @@ class DPMSolverSampler(Sampler):
             under VP most paths get much closer to the exact ODE solution (up to 3x lower
             RMS error), but not the RMS on every held-out target, and at 20 steps it can be
             worse (docs/benchmarks.md, "Tuning DPM-Solver++ at 10 NFE").
-        tau: the noise level of the stochastic variant, a number >= 0 (only with
-            `stochastic=True`; None: 1, SDE-DPM-Solver++ as in Lu et al.). Less noise is
+        tau: the noise level of the stochastic variant, a number >= 0 (None: 1 with
+            `stochastic=True`, SDE-DPM-Solver++ as in Lu et al.; 0, the only value allowed,
+            without). `sampler.tau` holds the level in effect. Less noise is
             more accurate in few steps: at tau = 1 the multistep extrapolation of the data
             prediction carries the fresh noise of past steps into the next (2-D benchmark at
             20 NFE, default grid: NLL gap .046 at tau = 1, .023 at tau = 0.7; see
@@ -140,7 +141,8 @@ class DPMSolverSampler(Sampler):
         super().__init__(sde)
         kind = "quadratic" if time_grid is None else time_grid
         self.num_steps, kind, self.eps = check_grid(sde, num_steps, kind, eps)
-        self.time_grid = None if time_grid is None else kind
+        # None stays None only for the stochastic variant, whose default is `stochastic_grid`.
+        self.time_grid = None if time_grid is None and stochastic is True else kind
         check_positive_int("order", order)
         self.order = check_choice("order", order, (1, 2, 3))
         self.lower_order_final = check_bool("lower_order_final", lower_order_final)
@@ -148,27 +150,26 @@ class DPMSolverSampler(Sampler):
         self.denoise = check_bool("denoise", denoise)
         self.stochastic = check_bool("stochastic", stochastic)
         self.interpolation = check_choice("interpolation", interpolation, ("lambda", "t"))
-        if tau is not None:
-            tau = check_positive("tau", tau, allow_zero=True)
-            if not self.stochastic:
+        # self.tau is the noise level in effect: 0 for the ODE, 1 (or the given one) for SDE.
+        if tau is None:
+            self.tau = 1.0 if self.stochastic else 0.0
+        else:
+            self.tau = check_positive("tau", tau, allow_zero=True)
+            if not self.stochastic and self.tau != 0.0:
                 raise ValueError(
                     f"tau={tau!r} is the noise level of stochastic=True; got stochastic=False"
                 )
-        self.tau = tau
 
     def _grid(self) -> Any:
-        if self.time_grid is not None:
-            return make_grid(self.sde, self.num_steps, self.time_grid, self.eps)
-        if self.stochastic:
+        if self.time_grid is None:
             return stochastic_grid(self.sde, self.num_steps, self.eps)
-        return make_grid(self.sde, self.num_steps, "quadratic", self.eps)
+        return make_grid(self.sde, self.num_steps, self.time_grid, self.eps)
 
     def _plan(self) -> tuple[Coefficients, MultistepPlan]:
         co = Coefficients(self.sde, self._grid())
         orders = step_orders(co.lam, self.order, self.lower_order_final)
         corr = [k + 1 for k in orders] if self.corrector else [0] * len(orders)
-        tau = (1.0 if self.tau is None else self.tau) if self.stochastic else 0.0
-        taus = resolve_taus(tau, co)
+        taus = resolve_taus(self.tau, co)
         var = time_variable(self.sde) if self.interpolation == "t" else None
         return co, make_plan(co, orders, corr, taus, var)
 
