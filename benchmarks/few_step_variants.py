@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import few_step  # noqa: E402, F401  (registers the held-out targets)
+import few_step  # noqa: E402  (registers the held-out targets)
 
 from scoresde import DPMSolverSampler  # noqa: E402
 from scoresde.bench import targets as T  # noqa: E402
@@ -161,9 +161,7 @@ def run(n: int, steps: int, cases: list, variants: dict) -> dict[str, dict[str, 
     out = {}
     for name, kind in cases:
         gm, sde = T.TARGETS[name].mixture(), T.make_sde(kind)
-        z = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        z = z * sde.prior_std
-        ref = T.reference_solve(sde, gm, z, sde.T, 1e-3)
+        z, ref = few_step.prior_paths(sde, gm, n)
         score = CountingScore(sde, gm)
         row = {}
         for label, kw in variants.items():

@@ -41,7 +41,7 @@ def anisotropic_mixture_2d() -> GaussianMixture:
     rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # [2, 2, 2]
     lam = torch.tensor([[1.0, 0.0025], [0.5, 0.005]], dtype=torch.float64)
     covs = rot @ torch.diag_embed(lam) @ rot.transpose(-1, -2)
-    return GaussianMixture([0.7, 0.3], [[-1.0, 0.5], [1.2, -0.8]], 0.5 * (covs + covs.mT))
+    return GaussianMixture([0.7, 0.3], [[-1.0, 0.5], [1.2, -0.8]], covs)
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,19 @@ TARGETS: dict[str, Target] = {
 }
 
 
+def rotated_covariances(
+    g: torch.Generator, k: int, d: int, low: float, condition: float
+) -> torch.Tensor:
+    """`[k, d, d]` float64 covariances Q diag(lambda) Q^T with Q a random rotation per
+    component and eigenvalues log-uniform in [low, low * condition] (drawn from `g` in that
+    order, so the targets built on it are fixed by their seed); exactly symmetric."""
+    q, _ = torch.linalg.qr(torch.randn(k, d, d, generator=g, dtype=torch.float64))
+    u = torch.rand(k, d, generator=g, dtype=torch.float64)
+    log_ev = math.log(low) + math.log(condition) * u
+    covs = q @ torch.diag_embed(log_ev.exp()) @ q.mT
+    return 0.5 * (covs + covs.mT)
+
+
 def aniso_mixture_32d() -> GaussianMixture:
     """A target held out from tuning (the few-step benchmark and the SA-Solver tests):
     6 components in 32-D, random rotations, covariance eigenvalues log-uniform in
@@ -79,9 +92,7 @@ def aniso_mixture_32d() -> GaussianMixture:
     g = torch.Generator().manual_seed(1234)
     k, d = 6, 32
     means = 1.2 * torch.randn(k, d, generator=g, dtype=torch.float64)
-    q, _ = torch.linalg.qr(torch.randn(k, d, d, generator=g, dtype=torch.float64))
-    log_ev = math.log(0.002) + math.log(400.0) * torch.rand(k, d, generator=g, dtype=torch.float64)
-    covs = q @ torch.diag_embed(log_ev.exp()) @ q.mT
+    covs = rotated_covariances(g, k, d, 0.002, 400.0)
     weights = 0.4 + torch.rand(k, generator=g, dtype=torch.float64)
     return GaussianMixture(weights, means, 0.5 * (covs + covs.mT))
 
