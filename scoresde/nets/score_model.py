@@ -166,8 +166,10 @@ class ScoreModel(nn.Module):
             sampler: a deterministic fixed-step sampler of this model's SDE with its default
                 grid, e.g. `DPMSolverSampler(model.sde, 10)`.
             data_shape: one sample's shape (default: the model spec's, if it is complete).
-            kwargs: `num_pilot` (512), `max_evals`, `generator`, `device` and `dtype`
-                (default: the weights').
+            kwargs: `method` ("grid", or "solver": also fit a bespoke multistep solver,
+                see `scoresde.calibration.calibrate`), `num_pilot` (512), `max_evals`,
+                `fit_pilots`, `fit_iterations`, `generator`, `device` and `dtype` (default:
+                the weights').
         """
         from scoresde.calibration import calibrate
 

@@ -1,0 +1,193 @@
+"""Bespoke multistep solvers (scoresde.samplers.learned, calibrate(method="solver")): the
+recursion reproduces DPM-Solver++ exactly, a fit lowers the pathwise error on fresh draws of
+an exact model, and the fitted solver round-trips through the calibration file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from scoresde import DDIMSampler, DPMSolverSampler
+from scoresde.calibration import (
+    Calibration,
+    calibrate,
+    calibrated_sampler,
+    load_calibrations,
+    save_calibrations,
+)
+from scoresde.samplers import LearnedMultistepSampler
+from scoresde.samplers.learned import fit_multistep, unrolled
+from scoresde.samplers.schedules import pathwise_error, pf_ode_reference
+from scoresde.sdes import VESDE, VPSDE, SubVPSDE
+from scoresde.toy import GaussianMixture
+from scoresde.training import build_model
+
+
+def _mixture(dim: int, k: int, seed: int) -> GaussianMixture:
+    g = torch.Generator().manual_seed(seed)
+    means = 1.5 * torch.randn(k, dim, generator=g, dtype=torch.float64)
+    stds = 0.1 + 0.3 * torch.rand(k, generator=g, dtype=torch.float64)
+    return GaussianMixture(torch.ones(k, dtype=torch.float64), means, stds**2)
+
+
+def _score(gm: GaussianMixture, sde):
+    return gm.score_fn(sde)
+
+
+@pytest.mark.parametrize(
+    "sde, kw",
+    [
+        (VPSDE(), dict(order=3)),
+        (VPSDE(), dict(order=2, corrector=False)),
+        (VESDE(), dict(order=3, time_grid="logsnr")),
+        (SubVPSDE(), dict(order=1)),
+        (VPSDE(), dict(order=3, interpolation="t", time_grid="karras")),
+    ],
+)
+def test_unrolled_recursion_is_the_dpm_solver(sde, kw) -> None:
+    gm = _mixture(3, 4, seed=21)
+    score = _score(gm, sde)
+    z = torch.randn(64, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    z = z * sde.prior_std
+    dpm = DPMSolverSampler(sde, 7, **kw)
+    learned = LearnedMultistepSampler(sde, *unrolled(dpm))
+    a = dpm.sample(score, None, x_init=z)
+    b = learned.sample(score, None, x_init=z)
+    assert learned.nfe == dpm.nfe == 7
+    torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11)
+
+
+def test_fit_lowers_the_error_on_fresh_draws_of_an_exact_model() -> None:
+    sde = VPSDE()
+    gm = _mixture(3, 3, seed=33)  # a mixture no setting was chosen on
+    score = _score(gm, sde)
+    dpm = DPMSolverSampler(sde, 6)
+    gen = torch.Generator().manual_seed(8)
+    pilots = torch.randn(768, 3, generator=gen, dtype=torch.float64)
+    ref = pf_ode_reference(sde, score, pilots, dpm.eps, rtol=1e-8)
+    fitted, info = fit_multistep(score, sde, unrolled(dpm), pilots, ref, iterations=120)
+    assert info["error"] < info["initial_error"] and info["gradients"] == 120
+    fresh = torch.randn(768, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    fresh_ref = pf_ode_reference(sde, score, fresh, dpm.eps, rtol=1e-8)
+    before = pathwise_error(dpm, score, fresh, fresh_ref)
+    after = pathwise_error(fitted, score, fresh, fresh_ref)
+    assert after < 0.7 * before, (before, after)
+    assert fitted.nfe == 6 and fitted.times[0] == sde.T
+    assert all(a > b for a, b in zip(fitted.times, fitted.times[1:], strict=False))
+
+
+def test_calibrate_solver_round_trips_and_is_used(tmp_path: Path) -> None:
+    sde = VPSDE()
+    gm = _mixture(2, 3, seed=44)
+    score = _score(gm, sde)
+    sampler = DPMSolverSampler(sde, 5)
+    gen = torch.Generator().manual_seed(2)
+    cal = calibrate(
+        score,
+        sampler,
+        data_shape=(2,),
+        method="solver",
+        num_pilot=64,
+        max_evals=30,
+        fit_pilots=256,
+        fit_iterations=40,
+        generator=gen,
+    )
+    assert cal.extra["fit_pilots"] == 256 and cal.extra["fit_backward_passes"] == 40 * 5
+    assert cal.nfe > 40 * 5  # grid runs, the references and the fit's forward passes
+    if cal.solver is None:  # the fit may not beat the grid on held-out pilots: then grid only
+        assert cal.extra["solver_error"] >= cal.extra["solver_initial_error"]
+        pytest.fail("the fit should beat the tuned grid on this mixture")
+    assert "bespoke" in cal.describe()
+    save_calibrations(tmp_path / "c.json", [cal])
+    (back,) = load_calibrations(tmp_path / "c.json")
+    assert back == cal
+    z = torch.randn(32, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    a = cal.make_sampler(sde).sample(score, None, x_init=z)
+    b = back.make_sampler(sde).sample(score, None, x_init=z)
+    assert torch.equal(a, b) and isinstance(back.make_sampler(sde), LearnedMultistepSampler)
+
+    class Holder:
+        calibrations = [back]
+
+    Holder.sde = sde
+    used, which = calibrated_sampler(Holder(), DPMSolverSampler(sde, 5))
+    assert which is back and isinstance(used, LearnedMultistepSampler)
+    assert calibrated_sampler(Holder(), DPMSolverSampler(sde, 6))[1] is None
+
+
+def test_version_1_files_still_load(tmp_path: Path) -> None:
+    entry = dict(
+        sampler="dpm",
+        num_steps=2,
+        settings={"order": 3},
+        time_grid=[1.0, 0.5, 0.001],
+        base_grid="quadratic",
+        sde={"name": "vp"},
+        nfe=10,
+        num_pilot=4,
+        pilot_error=0.1,
+        initial_error=0.2,
+    )
+    path = tmp_path / "c.json"
+    data = {"format": "scoresde.calibration", "version": 1, "calibrations": [entry]}
+    path.write_text(json.dumps(data))
+    (cal,) = load_calibrations(path)
+    assert cal.solver is None and cal.time_grid == [1.0, 0.5, 0.001]
+
+
+def test_score_model_fit_leaves_the_weights_alone() -> None:
+    model = build_model(VPSDE(), "mlp", (2,), net_kwargs={"hidden": 16, "num_blocks": 1}).eval()
+    before = [p.detach().clone() for p in model.parameters()]
+    cal = model.calibrate(
+        DPMSolverSampler(model.sde, 4),
+        method="solver",
+        num_pilot=32,
+        max_evals=10,
+        fit_pilots=128,
+        fit_iterations=10,
+    )
+    assert cal.extra["fit_iterations"] == 10 and model.calibrations[-1] is cal
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_bad_arguments_are_named() -> None:
+    sde = VPSDE()
+    score = _score(_mixture(2, 2, seed=1), sde)
+    with pytest.raises(ValueError, match="method"):
+        calibrate(score, DPMSolverSampler(sde, 4), data_shape=(2,), method="nope")
+    with pytest.raises(ValueError, match="method='solver'"):
+        calibrate(score, DDIMSampler(sde, 4), data_shape=(2,), method="solver")
+    with pytest.raises(ValueError, match="fit_pilots"):
+        calibrate(score, DPMSolverSampler(sde, 4), data_shape=(2,), method="solver", fit_pilots=8)
+    t, r, w, eps = unrolled(DPMSolverSampler(sde, 3))
+    bad = [row[:] for row in w]
+    bad[0][2] = 1.0
+    with pytest.raises(ValueError, match="lower triangular"):
+        LearnedMultistepSampler(sde, t, r, bad, eps)
+    with pytest.raises(ValueError, match="ratios"):
+        LearnedMultistepSampler(sde, t, r[:2], w, eps)
+    with pytest.raises(ValueError, match="times"):
+        LearnedMultistepSampler(sde, [0.5, 0.7, 0.1], r, w, eps)
+    with pytest.raises(ValueError, match="deterministic"):
+        unrolled(DPMSolverSampler(sde, 3, stochastic=True))
+    with pytest.raises(ValueError, match="solver"):
+        Calibration.from_dict(
+            dict(
+                sampler="dpm",
+                num_steps=2,
+                settings={},
+                time_grid=[1.0, 0.5, 0.001],
+                base_grid="quadratic",
+                sde={},
+                nfe=1,
+                num_pilot=1,
+                pilot_error=0.1,
+                initial_error=0.1,
+                solver={"times": [1.0]},
+            )
+        )
