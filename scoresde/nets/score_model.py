@@ -167,7 +167,7 @@ class ScoreModel(nn.Module):
                 grid, e.g. `DPMSolverSampler(model.sde, 10)`.
             data_shape: one sample's shape (default: the model spec's, if it is complete).
             kwargs: `method` ("grid", or "solver": also fit a bespoke multistep solver,
-                see `scoresde.calibration.calibrate`), `num_pilot` (512), `max_evals`,
+                see `scoresde.calibration.calibrate`), `num_pilot` (2048), `max_evals`,
                 `fit_pilots`, `fit_iterations`, `generator`, `device` and `dtype` (default:
                 the weights').
         """
