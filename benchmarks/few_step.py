@@ -153,7 +153,51 @@ def bespoke(n: int) -> list[dict]:
             row[f"{method}_fitted"] = cal.solver is not None
         rows.append(row)
         print({k: v for k, v in row.items() if k not in ("peers", "solver_extra")}, flush=True)
+    rows.append(bespoke_trained(n))
     return rows
+
+
+def bespoke_trained(n: int) -> dict:
+    """The same on a trained network: the 2-D MLP of the likelihood benchmark (float64
+    copy), every method's ode_err against a tight solve of that network's own ODE over the
+    method's own end points (diffusers' end at its last timestep, not at eps)."""
+    import copy
+
+    from scoresde.bench.likelihood import train_mlp_2d
+    from scoresde.bench.peers import CountingFn, Problem
+    from scoresde.flow import ProbabilityFlow, solve
+
+    model, sde, mixture, _ = train_mlp_2d(full=True)
+    net = copy.deepcopy(model).double()
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def reference(t0: float, t1: float) -> torch.Tensor:
+        flow = ProbabilityFlow(sde, net, t_range=(t1, t0))
+        with torch.no_grad():
+            return solve(flow, z, t0, t1, "dopri5", rtol=1e-9, atol=1e-9)
+
+    methods = _all_methods()
+    peers = {}
+    for name in PEERS:
+        method = methods[name]
+        with torch.no_grad():
+            x, _ = method(Problem(sde, mixture, score=CountingFn(net)), z, 10)
+        peers[name] = rms(x, reference(*method.endpoints(sde, 10)))
+    best = min((v, k) for k, v in peers.items())
+    row: dict = dict(target="mlp2d (trained MLP)", sde="vp", held_out=True, peers=peers)
+    row.update(best_peer=best[1], best_peer_err=best[0])
+    ref = reference(sde.T, 1e-3)
+    sampler = DPMSolverSampler(sde, 10)
+    row["default"] = rms(sampler.sample(net, (0,), x_init=z), ref)
+    for method in ("grid", "solver"):
+        cal = calibrate(net, sampler, data_shape=(2,), method=method, num_pilot=2048,
+                        max_evals=150, generator=torch.Generator().manual_seed(1))  # fmt: skip
+        row[method] = rms(cal.make_sampler(sde).sample(net, (0,), x_init=z), ref)
+        row[f"{method}_nfe"], row[f"{method}_s"] = cal.nfe, cal.seconds
+        row[f"{method}_extra"] = cal.extra
+        row[f"{method}_fitted"] = cal.solver is not None
+    print({k: v for k, v in row.items() if k not in ("peers", "solver_extra")}, flush=True)
+    return row
 
 
 def bespoke_markdown(rows: list[dict], n: int) -> str:
