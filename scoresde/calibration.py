@@ -51,7 +51,10 @@ CALIBRATION_NAME = "calibration.json"
 FORMAT = "scoresde.calibration"
 VERSION = 2  # 2 added `solver` (a fitted multistep solver); version 1 files still load
 _READABLE = (1, 2)
-_MAX_BYTES = 1 << 22  # a few grids: kB; refuse anything absurd
+_MAX_BYTES = 1 << 22
+# A fitted solver replaces the tuned grid only if its held-out gain is this many standard
+# errors of the paired per-path improvement (heavy-tailed errors make a lower RMS alone luck).
+_MIN_GAIN_Z = 2.0  # a few grids: kB; refuse anything absurd
 
 
 def _registry_name(sampler: Any) -> str:
@@ -247,8 +250,9 @@ def calibrate(
             solver fitted on top of it (`scoresde.samplers.learned`: the evaluation times
             and all the solver's weights, by gradient descent through the sampler on
             `fit_pilots` draws, a quarter of them held out; kept only if it beats the grid
-            on those). The same NFE per sample; "dpm" samplers only (deterministic, no
-            denoise); the score must be differentiable in x and t.
+            on those by over two standard errors of the paired per-path improvement). The
+            same NFE per sample; "dpm" samplers only (deterministic, no denoise); the
+            score must be differentiable in x and t.
         num_pilot, max_evals, generator, device, dtype, reference_rtol: as in
             `optimize_time_grid` (pilots from a private generator seeded 1234 by default;
             with method="solver" the grid is tuned on the first `num_pilot` of the
@@ -358,7 +362,8 @@ def _fit_solver(
         solver_initial_error=info["initial_error"],
         solver_error=info["error"],
     )
-    if not info["error"] < info["initial_error"]:
+    extra["solver_gain_z"] = info["gain_z"]
+    if not (info["error"] < info["initial_error"] and info["gain_z"] > _MIN_GAIN_Z):
         return None, extra
     solver = dict(times=fitted.times, ratios=fitted.ratios, weights=fitted.weights, eps=fitted.eps)
     return solver, extra
