@@ -152,3 +152,51 @@ def test_tau_function_is_checked_and_stochastic_flag_validated() -> None:
         SASolverSampler(sde, 4, tau=lambda t: -1.0).sample(GM.score_fn(sde), (3, 2))
     with pytest.raises(TypeError, match="stochastic"):
         DPMSolverSampler(sde, stochastic=1)
+
+
+def _reference_predictor_corrector(sde, score, x, grid, p_order: int, c_order: int, tau: float):
+    """A plain re-implementation of the stochastic Adams predictor-corrector (lists of data
+    predictions, no ring buffer, orders lowered as `step_orders` does), for comparison."""
+    from scoresde.samplers._multistep import step_orders
+    from scoresde.samplers.toolkit import Coefficients
+
+    co = Coefficients(sde, grid)
+    n = len(co.t) - 1
+    orders = step_orders(co.lam, p_order, True)
+
+    def x0(x: torch.Tensor, j: int) -> torch.Tensor:
+        t = torch.full((x.shape[0],), co.t[j], dtype=x.dtype)
+        return (x + co.sigma[j] ** 2 * score(x, t)) / co.alpha[j]
+
+    def step(x: torch.Tensor, i: int, idx: list[int]) -> torch.Tensor:
+        """x_i -> x_{i+1} with the interpolant through the data predictions at `idx`."""
+        h, a_s = co.lam[i + 1] - co.lam[i], co.alpha[i + 1]
+        w = sde_weights(h, [co.lam[j] - co.lam[i + 1] for j in idx], a_s, tau)
+        out = co.sigma[i + 1] / co.sigma[i] * math.exp(-tau * tau * h) * x
+        return out + sum(wj * preds[j] for wj, j in zip(w, idx, strict=True))
+
+    preds = {0: x0(x, 0)}
+    for i in range(n):
+        x_new = step(x, i, [i - j for j in range(orders[i])])
+        kc = min(c_order, orders[i] + 1)
+        if i < n - 1:
+            preds[i + 1] = x0(x_new, i + 1)
+            if kc > 0:
+                x_new = step(x, i, [i + 1 - j for j in range(kc)])
+        x = x_new
+    return x
+
+
+@pytest.mark.parametrize(("p_order", "c_order"), [(2, 1), (2, 2), (3, 2), (3, 3), (3, 4), (4, 4)])
+def test_every_corrector_order_matches_a_plain_implementation(p_order: int, c_order: int) -> None:
+    """Correctors of order <= the predictor's (which need the predictor's oldest value after
+    the new one is stored) give the same result as a plain list-based implementation (tau = 0:
+    deterministic). A ring of only max(orders) slots overwrote that value (ode_err .56 for
+    3 / 3 at 20 steps, against .011)."""
+    sde = SDES["vp"]
+    x_T = torch.randn(300, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    sampler = SASolverSampler(sde, 9, predictor_order=p_order, corrector_order=c_order, tau=0.0)
+    got = sampler.sample(GM.score_fn(sde), (0,), x_init=x_T)
+    grid = torch.as_tensor(sampler._plan()[0].t, dtype=torch.float64)
+    want = _reference_predictor_corrector(sde, GM.score_fn(sde), x_T, grid, p_order, c_order, 0.0)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

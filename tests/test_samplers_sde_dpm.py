@@ -1,6 +1,6 @@
-"""SDE-DPM-Solver++ (`DPMSolverSampler(stochastic=True)`) at few steps: the default (cubic grid
-on data-scaling SDEs) within issue 12's NLL tolerances at 20 NFE on fresh seeds, convergence,
-the `tau` noise level and the default grids."""
+"""SDE-DPM-Solver++ (`DPMSolverSampler(stochastic=True)`) at few steps: the default (rho = 4
+grid in t under VP and cosine, cubic under sub-VP) within issue 12's NLL tolerances at 20 NFE
+on fresh seeds, convergence, the `tau` noise level and the default grids."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from _fast_samplers import GM, SDES, TRUE_NLL, draw
 from scoresde.bench.targets import aniso_mixture_32d
 from scoresde.samplers import DPMSolverSampler
 from scoresde.samplers._multistep import sde_weights
-from scoresde.samplers.dpm_solver import stochastic_grid
+from scoresde.samplers.dpm_solver import noise_exponent, stochastic_grid
 from scoresde.samplers.grids import time_grid
 from scoresde.toy import GaussianMixture
 
@@ -25,15 +25,16 @@ def nll_gap(gm: GaussianMixture, x: torch.Tensor, entropy: float) -> tuple[float
 
 
 def test_2d_mixture_at_20_nfe() -> None:
-    """Issue 12.2 on the 2-D benchmark at 20 NFE. The default (tau = 1, cubic grid) is at the
-    limit, +.046 (mean of 8 seeds x 10,000; sd .013 per seed), so it is held below .075, far
-    from the quadratic grid's .22; tau = 0.7 (+.023, sd .010) meets |gap| < .05. Fresh
-    seeds; n = 20,000: standard error ~.007."""
+    """Issue 12.2 on the 2-D benchmark at 20 NFE with the defaults (tau = 1, 3M + corrector,
+    the rho = 4 grid in t under VP): |gap| < .05, measured +.027 +- .004 (mean of 10 seeds x
+    10,000); the cubic grid (the default before) .049, the quadratic one .22. Fresh seeds;
+    n = 20,000: standard error ~.008, so the assertion sits ~3 s.e. above the mean."""
     sde = SDES["vp"]
     default = DPMSolverSampler(sde, 20, stochastic=True)
-    gap, se = nll_gap(GM, draw(default, sde, n=20_000, seed=31), TRUE_NLL)
-    assert default.nfe == 20 and se < 0.01
-    assert abs(gap) < 0.075, (gap, se)
+    for seed in (61, 62):
+        gap, se = nll_gap(GM, draw(default, sde, n=20_000, seed=seed), TRUE_NLL)
+        assert default.nfe == 20 and se < 0.01
+        assert abs(gap) < 0.05, (seed, gap, se)
     quiet = DPMSolverSampler(sde, 20, stochastic=True, tau=0.7)
     gap, se = nll_gap(GM, draw(quiet, sde, n=20_000, seed=33), TRUE_NLL)
     assert quiet.nfe == 20 and abs(gap) < 0.05, (gap, se)
@@ -42,10 +43,31 @@ def test_2d_mixture_at_20_nfe() -> None:
     assert gap > 0.15  # the quadratic grid's long final steps: too spread
 
 
+def test_2d_held_out_mixture_at_20_nfe() -> None:
+    """A 2-D mixture made up for this test after the grid was chosen (4 rotated components,
+    variances .02-.5, unequal weights): measured +.042 +- .006 under VP (6 seeds x 10,000;
+    the cubic grid: .060) and +.023 +- .007 under cosine. n = 20,000 (s.e. ~.01): held below
+    .075, not at the goal's .05, which this target meets without a margin."""
+    angle = torch.tensor([1.0, -0.4, 2.5, 0.2], dtype=torch.float64)
+    c, s = angle.cos(), angle.sin()
+    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    ev = torch.tensor([[0.3, 0.02], [0.1, 0.04], [0.5, 0.06], [0.03, 0.025]], dtype=torch.float64)
+    covs = rot @ torch.diag_embed(ev) @ rot.mT
+    means = [[1.8, 1.5], [-0.5, 0.6], [-2.2, -1.0], [0.9, -1.7]]
+    gm = GaussianMixture([0.25, 0.3, 0.15, 0.3], means, 0.5 * (covs + covs.mT))
+    truth = gm.sample(200_000, generator=torch.Generator().manual_seed(5))
+    entropy = -float(gm.log_prob(truth).mean())  # Monte Carlo, sd ~.003
+    for name in ("vp", "cosine"):
+        sde = SDES[name]
+        x = draw(DPMSolverSampler(sde, 20, stochastic=True), sde, n=20_000, seed=71, gm=gm)
+        gap, se = nll_gap(gm, x, entropy)
+        assert abs(gap) < 0.075, (name, gap, se)
+
+
 def test_default_32d_anisotropic_within_one_nat_at_20_nfe() -> None:
     """The held-out 32-D anisotropic mixture (never used to choose the grid): within 1 nat
-    at 20 NFE (measured +.76 +- .09 under VP, +.27 under the cosine SDE; the quadratic grid
-    gave 5.6 and 1.8). n = 6,000 / 2,000: standard errors ~.065 / ~.11."""
+    at 20 NFE (measured +.45 under VP, +.20 under the cosine SDE; the cubic grid gave .76 and
+    .27, the quadratic one 5.6 and 1.8). n = 6,000 / 2,000: standard errors ~.065 / ~.11."""
     gm = aniso_mixture_32d()
     truth = gm.sample(20_000, generator=torch.Generator().manual_seed(1))
     entropy = -float(gm.log_prob(truth).mean())  # Monte Carlo, sd ~0.03
@@ -102,15 +124,23 @@ def test_tau_zero_is_the_ode_and_tau_one_the_default() -> None:
 
 
 def test_default_grids() -> None:
-    """ODE: quadratic as before; stochastic: cubic in t under VP / sub-VP / cosine, quadratic
+    """ODE: quadratic as before; stochastic: the rho = 4 grid in t under VP and cosine (noise
+    variance linear in t at the data end), cubic under sub-VP (quadratic in t), quadratic
     under VE."""
     n, eps = 7, 1e-3
     frac = torch.linspace(0, 1, n + 1, dtype=torch.float64)
-    for name in ("vp", "subvp", "cosine"):
+    for name, q in (("vp", 1.0), ("cosine", 1.0), ("subvp", 2.0), ("ve", 0.0)):
+        assert noise_exponent(SDES[name]) == pytest.approx(q, abs=0.01), name
+    for name in ("vp", "cosine"):
         sde = SDES[name]
-        torch.testing.assert_close(
-            stochastic_grid(sde, n, eps), eps + (sde.T - eps) * (1 - frac) ** 3
-        )
+        want = (sde.T**0.25 + frac * (eps**0.25 - sde.T**0.25)) ** 4
+        torch.testing.assert_close(stochastic_grid(sde, n, eps), want)
+    sub = SDES["subvp"]
+    torch.testing.assert_close(stochastic_grid(sub, n, eps), eps + (sub.T - eps) * (1 - frac) ** 3)
+    # Under VP the rho grid's lambda-steps vary slowly and its last is not a near-empty one.
+    lam = 0.5 * SDES["vp"].log_snr(stochastic_grid(SDES["vp"], 20, eps))
+    h = lam.diff()
+    assert float((h[1:] / h[:-1]).max()) < 1.4 and 0.3 < float(h[-1]) < 0.5
     ve = SDES["ve"]
     torch.testing.assert_close(stochastic_grid(ve, n, eps), time_grid(ve, n, "quadratic", eps=eps))
     for name, sde in SDES.items():

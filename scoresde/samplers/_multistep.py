@@ -165,7 +165,10 @@ def make_plan(
     noise level. `var` maps lambda values to the variable in which the data prediction is
     interpolated (None: lambda itself)."""
     n = len(co.t) - 1
-    slots = max(max(pred_orders), max(corr_orders, default=0), 1)
+    # A corrected step writes u_{i+1} into the ring before its increment reads the predictor's
+    # slots (u_i, ..., u_{i-k+1}): it needs k + 1 distinct slots, whatever the corrector order.
+    corrected = [k + 1 for k, kc in zip(pred_orders, corr_orders, strict=True) if kc > 0]
+    slots = max(max(pred_orders), max(corr_orders, default=0), max(corrected, default=0), 1)
     ratio, noise, pred, corr = [], [], [], []
     for i in range(n):
         tau, lam_s, a_s = taus[i], co.lam[i + 1], co.alpha[i + 1]
