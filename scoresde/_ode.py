@@ -41,7 +41,14 @@ from scoresde._validation import NonFiniteError, check_choice, check_positive, c
 
 State = Tensor | tuple[Tensor, ...]
 
-__all__ = ["PerSampleStats", "solve_per_sample", "rms_norm"]
+__all__ = [
+    "PerSampleStats",
+    "solve_per_sample",
+    "rms_norm",
+    "BatchStats",
+    "solve_batch",
+    "mixed_rms_norm",
+]
 
 # Dormand-Prince 5(4) tableau (Hairer et al. I, Table 5.2). Python floats: the arithmetic
 # follows the state's dtype, and nothing is allocated per step.
@@ -64,6 +71,18 @@ _E = (
     -17253 / 339200,
     22 / 525,
     -1 / 40,
+)
+# The same pair with Shampine's embedded 4th-order weights (b_hat = 1951/21600, 0,
+# 22642/50085, 451/720, -12231/42400, 649/6300, 1/60), as torchdiffeq's "dopri5" uses them:
+# `solve_batch` follows that solver's rule step for step.
+_E_SHAMPINE = (
+    35 / 384 - 1951 / 21600,
+    0.0,
+    500 / 1113 - 22642 / 50085,
+    125 / 192 - 451 / 720,
+    -2187 / 6784 + 12231 / 42400,
+    11 / 84 - 649 / 6300,
+    -1 / 60,
 )
 _ORDER = 5  # error exponent 1 / (q + 1) with q = 4, the lower order of the pair
 CONTROLLERS = ("pi", "i")
@@ -303,7 +322,7 @@ class _Rhs:
 
 
 def _initial_step(
-    rhs: _Rhs,
+    rhs: Callable[..., Tensor],
     ctrl: StepController,
     t: Tensor,
     y: Tensor,
@@ -313,7 +332,8 @@ def _initial_step(
     direction: float,
     norm: Any,
 ) -> Tensor:
-    """Hairer's starting step `[B]` (signed), per sample (Hairer et al. I, Sec. II.4).
+    """Hairer's starting step `[B]` (signed), per sample (Hairer et al. I, Sec. II.4), or one
+    0-d step for the batch when `norm` reduces the batch to a 0-d norm (`solve_batch`).
 
     h0 = 0.01 |y0|/|f0|, then h1 = (0.01 / max(|f0|, |f(t0 + h0, y0 + h0 f0) - f0| / h0))^(1/5)
     and h = min(100 h0, h1), all in the scaled norm; clipped to the interval so the probe
@@ -325,7 +345,7 @@ def _initial_step(
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
     h0 = h0.clamp(max=span)
     h0s = direction * h0
-    y1 = torch.addcmul(y, h0s[:, None], k1)
+    y1 = torch.addcmul(y, h0s.reshape(-1, 1), k1)  # h0 `[B]` per sample or 0-d batch-wide
     k2 = rhs(t + h0s, y1, idx)
     d2 = ctrl.error_norm(k2 - k1, y, y, ones, norm) / h0
     dmax = torch.maximum(d1, d2)
@@ -338,12 +358,20 @@ def _initial_step(
 
 
 def _dp5_step(
-    rhs: _Rhs, t: Tensor, t_new: Tensor, y: Tensor, k1: Tensor, idx: Tensor
+    rhs: Callable[..., Tensor],
+    t: Tensor,
+    t_new: Tensor,
+    y: Tensor,
+    k1: Tensor,
+    idx: Tensor | None,
+    e: tuple[float, ...] = _E,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One Dormand-Prince 5(4) step from t to t_new (per sample): (y_new, k7 = f(t_new,
-    y_new) for FSAL, the local error estimate err), all `[Ba, N]`. 6 evaluations."""
+    """One Dormand-Prince 5(4) step from t to t_new, per sample (t `[Ba]`) or for the whole
+    batch (t 0-d): (y_new, k7 = f(t_new, y_new) for FSAL, the local error estimate err),
+    all `[Ba, N]`, with the error weights e = b - b_hat. 6 evaluations."""
     h = t_new - t
-    h_full = h[:, None].expand_as(y).contiguous()  # one broadcast per step, not seven
+    # Per sample: one broadcast per step, not seven.
+    h_full = h[:, None].expand_as(y).contiguous() if h.ndim else h
     ks = [k1]
     for i in range(1, 7):
         incr = ks[0] * _A[i][0]
@@ -353,10 +381,10 @@ def _dp5_step(
         y_stage = torch.addcmul(y, h_full, incr)
         t_stage = t_new if _C[i] == 1.0 else t + _C[i] * h
         ks.append(rhs(t_stage, y_stage, idx))
-    err = ks[0] * _E[0]
-    for e, k in zip(_E[1:], ks[1:], strict=True):
-        if e != 0.0:
-            err = err.add(k, alpha=e)
+    err = ks[0] * e[0]
+    for e_i, k in zip(e[1:], ks[1:], strict=True):
+        if e_i != 0.0:
+            err = err.add(k, alpha=e_i)
     # Stage 7 is evaluated at the 5th-order solution (FSAL): y_stage is y_new.
     return y_stage, ks[6], err.mul_(h_full)
 
@@ -497,3 +525,171 @@ def _raise_failures(failed: Tensor, rhs: _Rhs) -> None:
         f"solve_per_sample: the step size underflowed for sample(s) {bad[:10]} "
         "(non-finite or extremely stiff right-hand side)"
     )
+
+
+# --- one step size for the whole batch ----------------------------------------------------------
+
+
+@dataclass
+class BatchStats:
+    """What `solve_batch` did.
+
+    Attributes:
+        nfe: calls of `func` on the whole batch (the start, the first-step probe, then 6
+            per attempted step).
+        accepted, rejected: steps accepted and rejected.
+    """
+
+    nfe: int
+    accepted: int
+    rejected: int
+
+
+def mixed_rms_norm(ratio: State) -> Tensor:
+    """torchdiffeq's default norm, 0-d: the largest RMS over one tensor of the state (the RMS
+    over all of a tensor state)."""
+    parts = ratio if isinstance(ratio, tuple) else (ratio,)
+    if len(parts) == 1:
+        return parts[0].pow(2).mean().sqrt()
+    return torch.stack([p.pow(2).mean().sqrt() for p in parts]).max()
+
+
+class BatchNonFiniteError(NonFiniteError, RuntimeError):
+    """func returned NaN/Inf in the step from `t_start` to `t_stop` (`solve_batch`)."""
+
+    def __init__(self, message: str, t_start: float, t_stop: float) -> None:
+        super().__init__(message)
+        self.t_start, self.t_stop = t_start, t_stop
+
+
+def solve_batch(
+    func: Callable[..., State],
+    y0: State,
+    t0: float | Tensor,
+    t1: float | Tensor,
+    *,
+    rtol: float,
+    atol: float,
+    norm: Callable[[State], Tensor] | None = None,
+    max_steps: int = 10_000,
+    name: str = "dopri5",
+) -> tuple[State, BatchStats]:
+    """Integrate dy/dt = func(t, y) from t0 to t1 with Dormand-Prince 5(4) (FSAL) and one
+    step size for the whole batch: torchdiffeq's "dopri5" rule, stepped by scoresde's own
+    loop (`_dp5_step`, the shared `StepController`).
+
+    The rule (Hairer et al. I, Sec. II.4; torchdiffeq's defaults): E = norm(err / (atol +
+    rtol max(|y|, |y_new|))) over the batch, accept iff E <= 1, next step h clamp(0.9
+    E^(-1/5), 0.2, 10) with no shrinking after an accepted step; the first step by Hairer's
+    heuristic clipped to the interval (one extra evaluation); the last step lands exactly
+    on t1. Time is kept in y's dtype. One host synchronization per step (accept, done,
+    NaN); no torchdiffeq bookkeeping (dense-output fits, per-stage k stacks, time
+    perturbations, tuple flattening per call).
+
+    Args:
+        func: right-hand side func(t 0-d, y) -> dy/dt with y0's structure; t has y's dtype
+            and device.
+        y0: a tensor `[B, *D]` or a tuple of tensors `[B, *D_i]` (same batch, dtype, device).
+        t0, t1: start and end times; t1 < t0 integrates backwards.
+        rtol, atol: tolerances (> 0).
+        norm: maps the scaled error (y0's structure) to a 0-d error norm; default
+            `mixed_rms_norm` (torchdiffeq's).
+        max_steps: the most steps (accepted + rejected); RuntimeError beyond.
+        name: the method's name in error messages.
+
+    Returns:
+        (y at t1 with y0's structure, `BatchStats`).
+
+    Raises:
+        BatchNonFiniteError (a `NonFiniteError`): func returned NaN/Inf (names the step).
+        RuntimeError: more than max_steps steps, or the step size underflowed.
+    """
+    if not callable(func):
+        raise TypeError(f"func must be callable (t, y) -> dy/dt, got {type(func).__name__}")
+    packer = _Packer(y0)
+    y = packer.pack(y0)
+    rtol = _check_tolerance("rtol", rtol, y.dtype)
+    atol = _check_tolerance("atol", atol, y.dtype)
+    t0f, t1f = _as_float("t0", t0), _as_float("t1", t1)
+    max_steps = check_positive_int("max_steps", max_steps)
+    if norm is not None and not callable(norm):
+        raise TypeError(f"norm must be callable or None, got {type(norm).__name__}")
+    if y.shape[0] == 0 or t0f == t1f:
+        return packer.unpack(y.clone()), BatchStats(0, 0, 0)
+    return _integrate_batch(func, packer, y, t0f, t1f, rtol, atol, norm, max_steps, name)
+
+
+def _integrate_batch(
+    func: Callable[..., State],
+    packer: _Packer,
+    y: Tensor,
+    t0: float,
+    t1: float,
+    rtol: float,
+    atol: float,
+    norm: Callable[[State], Tensor] | None,
+    max_steps: int,
+    name: str,
+) -> tuple[State, BatchStats]:
+    """The loop of `solve_batch` on the packed state y `[B, N]` (arguments checked)."""
+    dtype, device = y.dtype, y.device
+    direction = 1.0 if t1 > t0 else -1.0
+    ctrl = StepController(
+        rtol=rtol, atol=atol, order=_ORDER, beta=0.0, safety=0.9, min_factor=0.2,
+        max_factor=10.0, min_factor_accept=1.0, no_growth_after_reject=False,
+        max_steps=max_steps, name=name,
+    )  # fmt: skip
+    nfe = 0
+
+    def rhs(t: Tensor, y_: Tensor, idx: Any = None) -> Tensor:
+        nonlocal nfe
+        nfe += 1
+        return packer.pack(func(t, packer.unpack(y_)), "func(t, y)")
+
+    user_norm = norm or mixed_rms_norm
+
+    def batch_norm(ratio: Tensor) -> Tensor:
+        return user_norm(packer.unpack(ratio))
+
+    t = torch.tensor(t0, dtype=dtype, device=device)
+    t_end = torch.tensor(t1, dtype=dtype, device=device)
+    h_min = 4 * torch.finfo(dtype).eps * max(abs(t0), abs(t1), abs(t1 - t0))
+    k1 = rhs(t, y)
+    h = _initial_step(rhs, ctrl, t, y, k1, None, abs(t1 - t0), direction, batch_norm)
+    state = ctrl.init_state(1, dtype, device)
+    accepted = rejected = 0
+    while True:
+        ctrl.check_steps(accepted + rejected, y.shape[0], f"t1={t1}")
+        t_try = t + h
+        last = direction * (t_try - t_end) >= 0
+        t_new = torch.where(last, t_end, t_try)  # the last step lands exactly on t1
+        y_new, k7, err = _dp5_step(rhs, t, t_new, y, k1, None, _E_SHAMPINE)
+        E = ctrl.error_norm(err, y, y_new, None, batch_norm).reshape(1)
+        accept, h_next, state = ctrl.decide(E, (t_new - t).reshape(1), state)
+        h_next = h_next.reshape(())
+        # The one host synchronization of the step.
+        finite, acc, done, moving = torch.stack(
+            [torch.isfinite(E[0]), accept[0], last, h_next.abs() >= h_min]
+        ).tolist()
+        if not finite:
+            a, b = float(t), float(t_new)
+            raise BatchNonFiniteError(
+                f"{name}: non-finite values (NaN/Inf) from func in the step from t = {a:.6g} "
+                f"to t = {b:.6g}",
+                a,
+                b,
+            )
+        if acc:
+            accepted += 1
+            y, k1, t = y_new, k7, t_new
+            if done:
+                break
+        else:
+            rejected += 1
+        if not moving:
+            raise RuntimeError(
+                f"{name}: the step size underflowed at t = {float(t):.6g} (rtol={rtol:g}, "
+                f"atol={atol:g}); the field is too stiff for these tolerances"
+            )
+        h = h_next
+    return packer.unpack(y), BatchStats(nfe, accepted, rejected)

@@ -408,6 +408,8 @@ def solve(
             max_steps=max_steps, with_index=with_index,
         )  # fmt: skip
         return out
+    if method == "dopri5":
+        return _solve_dopri5(func, y0, t0, t1, rtol, atol, norm, max_steps)
     from torchdiffeq import odeint
 
     first = y0[0] if isinstance(y0, tuple) else y0
@@ -450,6 +452,34 @@ def solve(
         _raise_failure(guarded, err, method, t0, t1, rtol, atol, max_steps)
         raise
     out = tuple(o[-1] for o in out) if isinstance(out, tuple) else out[-1]
+    return out
+
+
+def _solve_dopri5(
+    func: Callable[..., State],
+    y0: State,
+    t0: float,
+    t1: float,
+    rtol: float,
+    atol: float,
+    norm: Callable[[State], Tensor] | None,
+    max_steps: int,
+) -> State:
+    """"dopri5" by scoresde's own batch loop (`scoresde._ode.solve_batch`): torchdiffeq's
+    rule (one step size for the batch, the same controller, first step and norm) without
+    its per-step overhead; NaN/Inf in the field is reported with the time."""
+    from scoresde._ode import BatchNonFiniteError, solve_batch
+
+    try:
+        out, _ = solve_batch(
+            func, y0, t0, t1, rtol=rtol, atol=atol, norm=norm, max_steps=max_steps, name="dopri5"
+        )
+    except BatchNonFiniteError as err:
+        raise NonFiniteError(
+            f"non-finite values (NaN/Inf) in the probability-flow field at t = "
+            f"{err.t_start:.6g} .. {err.t_stop:.6g} (dopri5 from t = {t0:g} to {t1:g}); "
+            "check the score function"
+        ) from err
     return out
 
 
