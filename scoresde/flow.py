@@ -465,7 +465,7 @@ def _solve_dopri5(
     norm: Callable[[State], Tensor] | None,
     max_steps: int,
 ) -> State:
-    """"dopri5" by scoresde's own batch loop (`scoresde._ode.solve_batch`): torchdiffeq's
+    """ "dopri5" by scoresde's own batch loop (`scoresde._ode.solve_batch`): torchdiffeq's
     rule (one step size for the batch, the same controller, first step and norm) without
     its per-step overhead; NaN/Inf in the field is reported with the time."""
     from scoresde._ode import BatchNonFiniteError, solve_batch
