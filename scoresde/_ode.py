@@ -582,9 +582,9 @@ def solve_batch(
     rtol max(|y|, |y_new|))) over the batch, accept iff E <= 1, next step h clamp(0.9
     E^(-1/5), 0.2, 10) with no shrinking after an accepted step; the first step by Hairer's
     heuristic clipped to the interval (one extra evaluation); the last step lands exactly
-    on t1. Time is kept in y's dtype. One host synchronization per step (accept, done,
-    NaN); no torchdiffeq bookkeeping (dense-output fits, per-stage k stacks, time
-    perturbations, tuple flattening per call).
+    on t1. Time is kept in float64 (y's dtype on MPS). One host synchronization per step
+    (accept, done, NaN); no torchdiffeq bookkeeping (dense-output fits, per-stage k stacks,
+    time perturbations, tuple flattening per call).
 
     Args:
         func: right-hand side func(t 0-d, y) -> dy/dt with y0's structure; t has y's dtype
@@ -608,8 +608,9 @@ def solve_batch(
         raise TypeError(f"func must be callable (t, y) -> dy/dt, got {type(func).__name__}")
     packer = _Packer(y0)
     y = packer.pack(y0)
-    rtol = _check_tolerance("rtol", rtol, y.dtype)
-    atol = _check_tolerance("atol", atol, y.dtype)
+    # Times are kept in float64 (as torchdiffeq does), so tight tolerances stay usable
+    # on a float32 state.
+    rtol, atol = check_positive("rtol", rtol), check_positive("atol", atol)
     t0f, t1f = _as_float("t0", t0), _as_float("t1", t1)
     max_steps = check_positive_int("max_steps", max_steps)
     if norm is not None and not callable(norm):
@@ -633,6 +634,8 @@ def _integrate_batch(
 ) -> tuple[State, BatchStats]:
     """The loop of `solve_batch` on the packed state y `[B, N]` (arguments checked)."""
     dtype, device = y.dtype, y.device
+    # Time in float64 where the device has it; func gets it in y's dtype.
+    tdtype = dtype if device.type == "mps" else torch.float64
     direction = 1.0 if t1 > t0 else -1.0
     ctrl = StepController(
         rtol=rtol, atol=atol, order=_ORDER, beta=0.0, safety=0.9, min_factor=0.2,
@@ -644,19 +647,20 @@ def _integrate_batch(
     def rhs(t: Tensor, y_: Tensor, idx: Any = None) -> Tensor:
         nonlocal nfe
         nfe += 1
-        return packer.pack(func(t, packer.unpack(y_)), "func(t, y)")
+        return packer.pack(func(t.to(dtype), packer.unpack(y_)), "func(t, y)")
 
     user_norm = norm or mixed_rms_norm
 
     def batch_norm(ratio: Tensor) -> Tensor:
         return user_norm(packer.unpack(ratio))
 
-    t = torch.tensor(t0, dtype=dtype, device=device)
-    t_end = torch.tensor(t1, dtype=dtype, device=device)
-    h_min = 4 * torch.finfo(dtype).eps * max(abs(t0), abs(t1), abs(t1 - t0))
+    t = torch.tensor(t0, dtype=tdtype, device=device)
+    t_end = torch.tensor(t1, dtype=tdtype, device=device)
+    h_min = 4 * torch.finfo(tdtype).eps * max(abs(t0), abs(t1), abs(t1 - t0))
     k1 = rhs(t, y)
     h = _initial_step(rhs, ctrl, t, y, k1, None, abs(t1 - t0), direction, batch_norm)
-    state = ctrl.init_state(1, dtype, device)
+    h = h.to(tdtype)
+    state = ctrl.init_state(1, tdtype, device)
     accepted = rejected = 0
     while True:
         ctrl.check_steps(accepted + rejected, y.shape[0], f"t1={t1}")
@@ -664,7 +668,7 @@ def _integrate_batch(
         last = direction * (t_try - t_end) >= 0
         t_new = torch.where(last, t_end, t_try)  # the last step lands exactly on t1
         y_new, k7, err = _dp5_step(rhs, t, t_new, y, k1, None, _E_SHAMPINE)
-        E = ctrl.error_norm(err, y, y_new, None, batch_norm).reshape(1)
+        E = ctrl.error_norm(err, y, y_new, None, batch_norm).reshape(1).to(tdtype)
         accept, h_next, state = ctrl.decide(E, (t_new - t).reshape(1), state)
         h_next = h_next.reshape(())
         # The one host synchronization of the step.
