@@ -8,6 +8,11 @@ accept/reject decision. Each right-hand-side call is made on the still-active sa
 (finished samples are dropped from the batch and never evaluated again), so one call on the
 active sub-batch is one NFE and a sample's trajectory is the one it would take alone.
 
+`solve_batch` is the batch-wide counterpart, scoresde's "dopri5": the same Dormand-Prince
+step (`_dp5_step`, with Shampine's error weights) and controller (`scoresde._control`),
+one step size for the whole batch, following torchdiffeq's dopri5 rule step for step
+without its per-step overhead.
+
 Method (Hairer, Norsett & Wanner, Solving ODEs I, Sec. II.4-II.5):
 
     k_i = f(t + c_i h, y + h sum_j a_ij k_j),   i = 1..7  (k_1 reuses the last k_7: FSAL),
