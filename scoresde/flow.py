@@ -26,7 +26,7 @@ the field as `NonFiniteError` with the time, instead of torchdiffeq's
 "underflow in dt" AssertionError.
 
 "dopri5" (the likelihood's and ODESampler's default adaptive method) does not go through
-torchdiffeq: `scoresde._ode.solve_batch` takes the same steps (Dormand-Prince-Shampine
+torchdiffeq: `scoresde._ode_batch.solve_batch` takes the same steps (Dormand-Prince-Shampine
 error weights, the I controller with no shrinking after an accepted step, the same first
 step and norm, so results agree with torchdiffeq's to round-off) with a fraction of its
 per-step overhead (no dense-output fit, no per-stage stacking, one host sync per step).
@@ -78,7 +78,7 @@ class Method:
     Attributes:
         name: scoresde's name.
         kind: "fixed" (a grid of num_steps steps), "adaptive" (torchdiffeq's rule, one step
-            size for the batch; "dopri5" in `scoresde._ode.solve_batch`, the others in
+            size for the batch; "dopri5" in `scoresde._ode_batch.solve_batch`, the others in
             torchdiffeq) or "per_sample" (`scoresde._ode`, a step size per sample).
         torchdiffeq: torchdiffeq's name for it (None for "per_sample").
         nfe_per_step: field evaluations per step (fixed methods).
@@ -472,10 +472,10 @@ def _solve_dopri5(
     norm: Callable[[State], Tensor] | None,
     max_steps: int,
 ) -> State:
-    """ "dopri5" by scoresde's own batch loop (`scoresde._ode.solve_batch`): torchdiffeq's
+    """ "dopri5" by scoresde's own batch loop (`scoresde._ode_batch.solve_batch`): torchdiffeq's
     rule (one step size for the batch, the same controller, first step and norm) without
     its per-step overhead; NaN/Inf in the field is reported with the time."""
-    from scoresde._ode import BatchNonFiniteError, solve_batch
+    from scoresde._ode_batch import BatchNonFiniteError, solve_batch
 
     try:
         out, _ = solve_batch(

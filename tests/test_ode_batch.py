@@ -1,4 +1,4 @@
-"""Tests of scoresde._ode.solve_batch, the in-house "dopri5" (one step size for the batch):
+"""Tests of scoresde._ode_batch.solve_batch, the in-house "dopri5" (one step size for the batch):
 torchdiffeq's dopri5 rule step for step (same evaluations, same result to round-off) on the
 probability-flow ODE of a mixture, both directions, tensor and tuple states; a closed-form
 linear ODE; NaN and step-limit reports; and the controller's no-shrink-after-accept rule."""
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from scoresde._control import StepController
-from scoresde._ode import BatchNonFiniteError, mixed_rms_norm, solve_batch
+from scoresde._ode_batch import BatchNonFiniteError, mixed_rms_norm, solve_batch
 from scoresde.flow import ProbabilityFlow, _first_step, _rms
 from scoresde.likelihood import _per_sample_norm, log_likelihood
 from scoresde.samplers import NonFiniteError

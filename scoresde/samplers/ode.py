@@ -17,7 +17,7 @@ Fixed-step methods on a time grid t_0 > ... > t_n (h_k = t_{k+1} - t_k < 0):
 Every step is a full step of its method, the last one included (the grid stops at eps > 0,
 where the drift is finite). Adaptive methods ("dopri5", "dopri8", "bosh3", "fehlberg2",
 "adaptive_heun") run torchdiffeq's `odeint` with rtol/atol ("dopri5" runs torchdiffeq's
-rule step for step in scoresde's own lean loop, `scoresde._ode.solve_batch`); the error
+rule step for step in scoresde's own lean loop, `scoresde._ode_batch.solve_batch`); the error
 norm is the largest
 per-sample RMS error, so every sample (not only the batch on average) meets the tolerance.
 The step sizes are still shared by the batch, so adaptive results depend (within the
