@@ -13,7 +13,9 @@ decides, per sample:
 - the next step h_new = h clamp(safety E^(-alpha) E_prev^beta, min_factor, max_factor),
   capped at h_max; a rejected step uses the plain I-controller exponent 1/order, and
   `no_growth_after_reject` forbids growth right after a rejection (Hairer's PI controller,
-  "Lund stabilization"; beta = 0 is the classic I controller);
+  "Lund stabilization"; beta = 0 is the classic I controller); `min_factor_accept` raises
+  the lower bound after an accepted step (1: a step that met the tolerance never shrinks
+  the next one, torchdiffeq's rule);
 - the step limit (`max_steps`, RuntimeError beyond) and the NaN/Inf report: a non-finite
   E is either a rejection (the step shrinks; `on_nonfinite="reject"`) or an immediate
   `NonFiniteError` naming the time (`on_nonfinite="raise"`).
@@ -64,6 +66,8 @@ class StepController:
         alpha: the E exponent on accepted steps (default 1/order - 0.75 beta).
         alpha_reject: the E exponent on rejected steps (default 1/order).
         safety, min_factor, max_factor: factor = clamp(safety E^-alpha E_prev^beta, min, max).
+        min_factor_accept: the lower bound of the factor after an accepted step (None:
+            min_factor; torchdiffeq's adaptive solvers use 1).
         no_growth_after_reject: cap the factor at 1 right after a rejection.
         h_max: the largest step magnitude.
         max_steps: the most iterations of the loop (RuntimeError beyond).
@@ -82,6 +86,7 @@ class StepController:
     safety: float = 0.9
     min_factor: float = 0.2
     max_factor: float = 10.0
+    min_factor_accept: float | None = None
     no_growth_after_reject: bool = True
     h_max: float = math.inf
     max_steps: int = 10_000
@@ -150,6 +155,9 @@ class StepController:
         expo = acc_f * (self.alpha - self.alpha_reject) + self.alpha_reject
         log_factor = (acc_f * state.log_err_prev).mul_(self.beta).sub_(expo * log_E)
         factor = log_factor.exp_().mul_(self.safety).clamp_(self.min_factor, self.max_factor)
+        if self.min_factor_accept is not None:
+            floor = acc_f * (self.min_factor_accept - self.min_factor) + self.min_factor
+            factor = torch.maximum(factor, floor)
         if self.no_growth_after_reject:
             factor = torch.minimum(
                 factor, self.max_factor + (1.0 - self.max_factor) * state.rejected

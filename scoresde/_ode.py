@@ -8,6 +8,11 @@ accept/reject decision. Each right-hand-side call is made on the still-active sa
 (finished samples are dropped from the batch and never evaluated again), so one call on the
 active sub-batch is one NFE and a sample's trajectory is the one it would take alone.
 
+`scoresde._ode_batch.solve_batch` is the batch-wide counterpart, scoresde's "dopri5": the
+same Dormand-Prince step (`_dp5_step`, with Shampine's error weights) and controller
+(`scoresde._control`), one step size for the whole batch, following torchdiffeq's dopri5
+rule step for step without its per-step overhead.
+
 Method (Hairer, Norsett & Wanner, Solving ODEs I, Sec. II.4-II.5):
 
     k_i = f(t + c_i h, y + h sum_j a_ij k_j),   i = 1..7  (k_1 reuses the last k_7: FSAL),
@@ -64,6 +69,18 @@ _E = (
     -17253 / 339200,
     22 / 525,
     -1 / 40,
+)
+# The same pair with Shampine's embedded 4th-order weights (b_hat = 1951/21600, 0,
+# 22642/50085, 451/720, -12231/42400, 649/6300, 1/60), as torchdiffeq's "dopri5" uses them:
+# `scoresde._ode_batch.solve_batch` follows that solver's rule step for step.
+_E_SHAMPINE = (
+    35 / 384 - 1951 / 21600,
+    0.0,
+    500 / 1113 - 22642 / 50085,
+    125 / 192 - 451 / 720,
+    -2187 / 6784 + 12231 / 42400,
+    11 / 84 - 649 / 6300,
+    -1 / 60,
 )
 _ORDER = 5  # error exponent 1 / (q + 1) with q = 4, the lower order of the pair
 CONTROLLERS = ("pi", "i")
@@ -303,7 +320,7 @@ class _Rhs:
 
 
 def _initial_step(
-    rhs: _Rhs,
+    rhs: Callable[..., Tensor],
     ctrl: StepController,
     t: Tensor,
     y: Tensor,
@@ -313,7 +330,8 @@ def _initial_step(
     direction: float,
     norm: Any,
 ) -> Tensor:
-    """Hairer's starting step `[B]` (signed), per sample (Hairer et al. I, Sec. II.4).
+    """Hairer's starting step `[B]` (signed), per sample (Hairer et al. I, Sec. II.4), or one
+    0-d step for the batch when `norm` reduces the batch to a 0-d norm (`_ode_batch`).
 
     h0 = 0.01 |y0|/|f0|, then h1 = (0.01 / max(|f0|, |f(t0 + h0, y0 + h0 f0) - f0| / h0))^(1/5)
     and h = min(100 h0, h1), all in the scaled norm; clipped to the interval so the probe
@@ -325,7 +343,7 @@ def _initial_step(
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
     h0 = h0.clamp(max=span)
     h0s = direction * h0
-    y1 = torch.addcmul(y, h0s[:, None], k1)
+    y1 = torch.addcmul(y, h0s.reshape(-1, 1), k1)  # h0 `[B]` per sample or 0-d batch-wide
     k2 = rhs(t + h0s, y1, idx)
     d2 = ctrl.error_norm(k2 - k1, y, y, ones, norm) / h0
     dmax = torch.maximum(d1, d2)
@@ -338,12 +356,20 @@ def _initial_step(
 
 
 def _dp5_step(
-    rhs: _Rhs, t: Tensor, t_new: Tensor, y: Tensor, k1: Tensor, idx: Tensor
+    rhs: Callable[..., Tensor],
+    t: Tensor,
+    t_new: Tensor,
+    y: Tensor,
+    k1: Tensor,
+    idx: Tensor | None,
+    e: tuple[float, ...] = _E,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One Dormand-Prince 5(4) step from t to t_new (per sample): (y_new, k7 = f(t_new,
-    y_new) for FSAL, the local error estimate err), all `[Ba, N]`. 6 evaluations."""
+    """One Dormand-Prince 5(4) step from t to t_new, per sample (t `[Ba]`) or for the whole
+    batch (t 0-d): (y_new, k7 = f(t_new, y_new) for FSAL, the local error estimate err),
+    all `[Ba, N]`, with the error weights e = b - b_hat. 6 evaluations."""
     h = t_new - t
-    h_full = h[:, None].expand_as(y).contiguous()  # one broadcast per step, not seven
+    # Per sample: one broadcast per step, not seven.
+    h_full = h[:, None].expand_as(y).contiguous() if h.ndim else h
     ks = [k1]
     for i in range(1, 7):
         incr = ks[0] * _A[i][0]
@@ -353,10 +379,10 @@ def _dp5_step(
         y_stage = torch.addcmul(y, h_full, incr)
         t_stage = t_new if _C[i] == 1.0 else t + _C[i] * h
         ks.append(rhs(t_stage, y_stage, idx))
-    err = ks[0] * _E[0]
-    for e, k in zip(_E[1:], ks[1:], strict=True):
-        if e != 0.0:
-            err = err.add(k, alpha=e)
+    err = ks[0] * e[0]
+    for e_i, k in zip(e[1:], ks[1:], strict=True):
+        if e_i != 0.0:
+            err = err.add(k, alpha=e_i)
     # Stage 7 is evaluated at the 5th-order solution (FSAL): y_stage is y_new.
     return y_stage, ks[6], err.mul_(h_full)
 

@@ -335,7 +335,7 @@ def log_likelihood(
             per solve from `generator` and held fixed, so the adaptive solver sees one
             smooth, deterministic ODE.
         method: adaptive "dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"
-            (torchdiffeq, rtol/atol, one step size shared by the batch), adaptive
+            (torchdiffeq's rule, one step for the batch; "dopri5" in scoresde's loop), adaptive
             "dopri5_per_sample" (Dormand-Prince 5(4) where every sample takes its own
             steps, `scoresde._ode.solve_per_sample`: a sample's result does not depend on
             the rest of the batch, finished samples leave the batch, and the NFE is that of

@@ -348,7 +348,8 @@ def _song_md(blocks: list[dict]) -> list[str]:
         "scipy RK45 at their default rtol = atol = 1e-5, one Rademacher probe, float32 model "
         "calls with numpy round trips; their `ode_func` calls the model twice per evaluation "
         "(drift, then drift and VJP for the divergence), the leaner variant once. Errors in "
-        "nats against the reference; seconds: the fastest of the interleaved timed rounds; "
+        "nats against the reference; seconds: the fastest of the interleaved timed rounds (CPU "
+        "time of the process, one thread); "
         'ratio: seconds / Song et al.\'s (2 calls) and / the 1-call variant. "as accurate": '
         "mean and max |error| both at most Song et al.'s.",
         "",

@@ -16,7 +16,9 @@ Fixed-step methods on a time grid t_0 > ... > t_n (h_k = t_{k+1} - t_k < 0):
 
 Every step is a full step of its method, the last one included (the grid stops at eps > 0,
 where the drift is finite). Adaptive methods ("dopri5", "dopri8", "bosh3", "fehlberg2",
-"adaptive_heun") run torchdiffeq's `odeint` with rtol/atol; the error norm is the largest
+"adaptive_heun") run torchdiffeq's `odeint` with rtol/atol ("dopri5" runs torchdiffeq's
+rule step for step in scoresde's own lean loop, `scoresde._ode_batch.solve_batch`); the error
+norm is the largest
 per-sample RMS error, so every sample (not only the batch on average) meets the tolerance.
 The step sizes are still shared by the batch, so adaptive results depend (within the
 tolerance) on the other samples. "dopri5_per_sample" (scoresde's own Dormand–Prince 5(4),
@@ -148,7 +150,7 @@ class ODESampler(Sampler):
     Args:
         sde: the forward SDE.
         method: fixed-step "euler", "midpoint", "heun" (default), "rk4", adaptive with one
-            step size for the batch (torchdiffeq) "dopri5", "dopri8", "bosh3", "fehlberg2",
+            step size for the batch (torchdiffeq's rule) "dopri5", "dopri8", "bosh3", "fehlberg2",
             "adaptive_heun", or adaptive per sample "dopri5_per_sample" (batch-independent).
         num_steps: steps of a fixed-step method (default 100; NFE = 100 for Euler, 200 for
             Heun/midpoint, 400 for RK4). Ignored by adaptive methods.
