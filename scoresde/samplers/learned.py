@@ -255,8 +255,11 @@ def fit_multistep(
     for p, v in zip(params, best[2], strict=True):
         p.data.copy_(v)
     with torch.no_grad():
-        times, ratios, weights = solver()
-    fitted = LearnedMultistepSampler(sde, times.cpu(), ratios.cpu(), weights.cpu(), eps)
+        _, ratios, weights = solver()
+        # The times in float64 (a float32 run could round two neighbours to the same t).
+        lam = (lam_all[1:n] + d_lam.detach().cpu().double()).clamp(lam_lo + 1e-6, lam_hi - 1e-6)
+        times = torch.cat([torch.tensor([times0[0]]).double(), sde.t_from_log_snr(2.0 * lam)])
+    fitted = LearnedMultistepSampler(sde, times, ratios.cpu(), weights.cpu(), eps)
     # Per-path errors are heavy tailed (paths near a boundary between modes dominate the
     # RMS), so a lower held-out RMS can be luck: call the gain significant only if the paired
     # per-path improvement is over two standard errors.
