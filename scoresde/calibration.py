@@ -259,32 +259,19 @@ def calibrate(
             `fit_pilots` draws).
         fit_pilots, fit_iterations: pilots and Adam steps of the solver fit.
     """
-    from scoresde._validation import check_choice, check_positive_int
-    from scoresde.samplers.schedules import PILOT_SEED, _pilots, optimize_time_grid
+    from scoresde._validation import check_choice
+    from scoresde.samplers.schedules import optimize_time_grid
 
     name, steps, settings = sampler_settings(sampler)
     if not isinstance(sampler.time_grid, str):
         raise ValueError("calibrate a sampler with a named time_grid (its default), not a tensor")
     method = check_choice("method", method, ("grid", "solver"))
+    pilots = None
     if method == "solver":
-        if name != "dpm" or sampler.denoise:
-            raise ValueError(
-                f"method='solver' fits DPMSolverSampler (stochastic=False, denoise=False), got "
-                f"{sampler!r}"
-            )
-        check_positive_int("fit_pilots", fit_pilots)
-        check_positive_int("fit_iterations", fit_iterations)
-        if fit_pilots < 2 * num_pilot:
-            raise ValueError(
-                f"fit_pilots={fit_pilots} must be at least twice num_pilot={num_pilot}"
-            )
-        if generator is None:
-            generator = torch.Generator(device=device or "cpu").manual_seed(PILOT_SEED)
-        pilots = _pilots(
-            sde := sampler.sde, None, tuple(data_shape), fit_pilots, generator, device, dtype
-        )
-    else:
-        pilots = None
+        pilots = _solver_pilots(
+            name, sampler, data_shape, num_pilot, fit_pilots, fit_iterations, generator,
+            device, dtype,
+        )  # fmt: skip
     count = {"nfe": 0}
 
     def counted(x: Tensor, t: Tensor) -> Tensor:
@@ -303,22 +290,11 @@ def calibrate(
     start = time.perf_counter()
     with torch.no_grad():
         grid = optimize_time_grid(
-            factory,
-            counted,
-            sde,
-            steps,
-            data_shape=tuple(data_shape),
-            x_T=None if pilots is None else pilots[:num_pilot],
-            num_pilot=num_pilot,
-            init=sampler.time_grid,
-            eps=sampler.eps,
-            max_evals=max_evals,
-            generator=generator,
-            device=device,
-            dtype=dtype,
-            reference_rtol=reference_rtol,
-            info=info,
-        )
+            factory, counted, sde, steps, data_shape=tuple(data_shape),
+            x_T=None if pilots is None else pilots[:num_pilot], num_pilot=num_pilot,
+            init=sampler.time_grid, eps=sampler.eps, max_evals=max_evals, generator=generator,
+            device=device, dtype=dtype, reference_rtol=reference_rtol, info=info,
+        )  # fmt: skip
     solver, extra = None, {}
     if pilots is not None:
         solver, extra = _fit_solver(counted, factory(grid), pilots, reference_rtol, fit_iterations)
@@ -338,6 +314,36 @@ def calibrate(
         extra=extra,
         solver=solver,
     )
+
+
+def _solver_pilots(
+    name: str,
+    sampler: Any,
+    data_shape: tuple[int, ...],
+    num_pilot: int,
+    fit_pilots: int,
+    fit_iterations: int,
+    generator: torch.Generator | None,
+    device: Any,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The `fit_pilots` pilot draws of `calibrate(method="solver")` (the grid is tuned on the
+    first `num_pilot`), after checking the sampler and the fit's settings."""
+    from scoresde._validation import check_positive_int
+    from scoresde.samplers.schedules import PILOT_SEED, _pilots
+
+    if name != "dpm" or sampler.denoise:
+        raise ValueError(
+            f"method='solver' fits DPMSolverSampler (stochastic=False, denoise=False), got "
+            f"{sampler!r}"
+        )
+    check_positive_int("fit_pilots", fit_pilots)
+    check_positive_int("fit_iterations", fit_iterations)
+    if fit_pilots < 2 * num_pilot:
+        raise ValueError(f"fit_pilots={fit_pilots} must be at least twice num_pilot={num_pilot}")
+    if generator is None:
+        generator = torch.Generator(device=device or "cpu").manual_seed(PILOT_SEED)
+    return _pilots(sampler.sde, None, tuple(data_shape), fit_pilots, generator, device, dtype)
 
 
 def _fit_solver(

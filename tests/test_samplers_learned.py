@@ -191,3 +191,17 @@ def test_bad_arguments_are_named() -> None:
                 solver={"times": [1.0]},
             )
         )
+
+
+def test_times_stay_strictly_decreasing_when_pushed_to_the_end() -> None:
+    from scoresde.samplers.learned import _Recursion
+
+    sde = VPSDE()
+    start = unrolled(DPMSolverSampler(sde, 6))
+    fit = _Recursion(_score(_mixture(2, 2, seed=5), sde), sde, start, torch.zeros(4, 2))
+    with torch.no_grad():
+        fit.params[2].fill_(100.0)  # every interior time past eps
+    fit.project()
+    sampler = fit.result()  # raised "times must decrease strictly" before the projection fix
+    assert all(a > b for a, b in zip(sampler.times, sampler.times[1:], strict=False))
+    assert sampler.times[-1] > sampler.eps

@@ -165,55 +165,21 @@ def fit_multistep(
         "train_error", "iterations",
         "gradients" (training passes: n evaluations forward and back), "best_iteration").
     """
-    times0, ratios0, weights0, eps = start
-    n = len(times0)
     if not (0.0 < validation < 1.0):
         raise ValueError(f"validation must be in (0, 1), got {validation!r}")
     b = x_T.shape[0]
     n_val = max(1, int(round(b * validation)))
     if b - n_val < 1:
         raise ValueError(f"need at least 2 pilots, got {b}")
-    kw = dict(dtype=x_T.dtype, device=x_T.device)
+    fit = _Recursion(score_fn, sde, start, x_T)
+    n, params = fit.n, fit.params
     train_x, val_x = x_T[: b - n_val].detach(), x_T[b - n_val :].detach()
     train_ref, val_ref = x_ref[: b - n_val].detach(), x_ref[b - n_val :].detach()
-    r0 = torch.tensor(ratios0, **kw)
-    w0 = torch.tensor(weights0, **kw)
-    mask = torch.ones(n, n, **kw).tril()
-    lam_all = 0.5 * sde.log_snr(torch.tensor([*times0, eps], dtype=torch.float64))
-    lam_lo, lam_hi = float(lam_all[0]), float(lam_all[-1])
-    lam0 = lam_all[:n].to(**kw)
-    scale = float(sde.alpha(torch.tensor([eps], dtype=torch.float64)))
-    t_first = torch.tensor([times0[0]], **kw)  # T exactly (no round trip through lambda)
-    d_ratio = torch.zeros(n, **kw, requires_grad=True)
-    d_weight = torch.zeros(n, n, **kw, requires_grad=True)
-    d_lam = torch.zeros(max(n - 1, 0), **kw, requires_grad=True)
-    params = [d_ratio, d_weight, d_lam]
-
-    def solver() -> tuple[Tensor, Tensor, Tensor]:
-        ratios = r0 * (1.0 + scale * d_ratio)
-        weights = w0 + scale * d_weight * mask
-        # Interior times move in lambda, kept strictly inside (lambda(T), lambda(eps)).
-        lam = torch.cat([lam0[:1], (lam0[1:] + d_lam).clamp(lam_lo + 1e-6, lam_hi - 1e-6)])
-        times = sde.t_from_log_snr(2.0 * lam[1:]).to(**kw).clamp(max=sde.T)
-        return torch.cat([t_first, times]), ratios, weights
-
-    def run(x: Tensor, times: Tensor, ratios: Tensor, weights: Tensor) -> Tensor:
-        sigma2 = sde.sigma(times).square()
-        us: list[Tensor] = []
-        for i in range(n):
-            t = times[i].expand(x.shape[0])
-            us.append(x + sigma2[i] * score_fn(x, t))
-            hist = torch.stack(us, 0).flatten(1)  # [i + 1, B*D]
-            x = ratios[i] * x + (weights[i, : i + 1] @ hist).view_as(x)
-        return x
-
-    def rms(x: Tensor, ref: Tensor) -> float:
-        return float((x - ref).flatten(1).norm(dim=1).square().mean().sqrt())
 
     def validate() -> tuple[float, Tensor]:
         """(held-out RMS error, per-path squared errors `[B_val]`)."""
         with torch.no_grad():
-            sq = (run(val_x, *solver()) - val_ref).flatten(1).square().sum(1)
+            sq = (fit.run(val_x, *fit.solver()) - val_ref).flatten(1).square().sum(1)
         if on_eval is not None:
             on_eval(n)
         err = math.sqrt(float(sq.mean()))
@@ -222,16 +188,14 @@ def fit_multistep(
     initial, initial_sq = validate()
     best = (initial, -1, [p.detach().clone() for p in params], initial_sq)
     opt = torch.optim.Adam(
-        [{"params": [d_ratio, d_weight], "lr": lr}, {"params": [d_lam], "lr": time_lr}]
+        [{"params": params[:2], "lr": lr}, {"params": params[2:], "lr": time_lr}]
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iterations, 1))
     check_every = max(1, iterations // 20)
-    train = math.nan
-    gradients = 0
+    train, gradients = math.nan, 0
     for it in range(iterations):
         with torch.enable_grad():
-            x = run(train_x, *solver())
-            loss = (x - train_ref).flatten(1).square().sum(1).mean()
+            loss = (fit.run(train_x, *fit.solver()) - train_ref).flatten(1).square().sum(1).mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         gradients += 1
         if on_eval is not None:
@@ -244,22 +208,13 @@ def fit_multistep(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():  # keep the times strictly decreasing: lambda strictly increasing
-            lam = (lam0[1:] + d_lam).clamp(lam_lo + 1e-6, lam_hi - 1e-6)
-            steps = torch.arange(lam.numel(), **kw) * _MIN_GAP
-            d_lam.copy_(torch.cummax(lam - steps, 0).values + steps - lam0[1:])
+        fit.project()
         if (it + 1) % check_every == 0 or it == iterations - 1:
             err, sq = validate()
             if err < best[0]:
                 best = (err, it, [p.detach().clone() for p in params], sq)
     for p, v in zip(params, best[2], strict=True):
         p.data.copy_(v)
-    with torch.no_grad():
-        _, ratios, weights = solver()
-        # The times in float64 (a float32 run could round two neighbours to the same t).
-        lam = (lam_all[1:n] + d_lam.detach().cpu().double()).clamp(lam_lo + 1e-6, lam_hi - 1e-6)
-        times = torch.cat([torch.tensor([times0[0]]).double(), sde.t_from_log_snr(2.0 * lam)])
-    fitted = LearnedMultistepSampler(sde, times, ratios.cpu(), weights.cpu(), eps)
     # Per-path errors are heavy tailed (paths near a boundary between modes dominate the
     # RMS), so a lower held-out RMS can be luck: call the gain significant only if the paired
     # per-path improvement is over two standard errors.
@@ -274,7 +229,74 @@ def fit_multistep(
         best_iteration=best[1],
         gradients=gradients,
     )
-    return fitted, info
+    return fit.result(), info
+
+
+class _Recursion:
+    """The differentiable recursion of `fit_multistep`: parameters (relative ratio changes,
+    weight changes, interior lambda shifts), the solver they give, and a run on pilots."""
+
+    def __init__(self, score_fn: ScoreFn, sde: SDE, start: tuple, x_T: Tensor) -> None:
+        times0, ratios0, weights0, self.eps = start
+        self.score_fn, self.sde, self.n = score_fn, sde, len(times0)
+        n = self.n
+        self.kw = kw = dict(dtype=x_T.dtype, device=x_T.device)
+        self.r0, self.w0 = torch.tensor(ratios0, **kw), torch.tensor(weights0, **kw)
+        self.mask = torch.ones(n, n, **kw).tril()
+        self.lam_all = 0.5 * sde.log_snr(torch.tensor([*times0, self.eps], dtype=torch.float64))
+        lam_lo, lam_hi = float(self.lam_all[0]), float(self.lam_all[-1])
+        # Interior lambda_i (i = 1..n-1) in [lo_i, hi_i]: strictly inside (lambda(T),
+        # lambda(eps)) with room for a gap of _MIN_GAP between neighbours.
+        idx = torch.arange(1, n, dtype=torch.float64)
+        self.lo, self.hi = lam_lo + idx * _MIN_GAP, lam_hi - (n - idx) * _MIN_GAP
+        self.scale = float(sde.alpha(torch.tensor([self.eps], dtype=torch.float64)))
+        self.t_first = torch.tensor([times0[0]], **kw)  # T exactly (no trip through lambda)
+        d_ratio = torch.zeros(n, **kw, requires_grad=True)
+        d_weight = torch.zeros(n, n, **kw, requires_grad=True)
+        d_lam = torch.zeros(max(n - 1, 0), **kw, requires_grad=True)
+        self.params = [d_ratio, d_weight, d_lam]
+
+    def _lam(self, d_lam: Tensor) -> Tensor:
+        """Interior lambdas, clamped to their bounds and increasing by >= _MIN_GAP."""
+        lam = self.lam_all[1 : self.n].to(d_lam) + d_lam
+        lam = torch.minimum(torch.maximum(lam, self.lo.to(lam)), self.hi.to(lam))
+        steps = torch.arange(lam.numel(), dtype=lam.dtype, device=lam.device) * _MIN_GAP
+        return torch.cummax(lam - steps, 0).values + steps
+
+    def project(self) -> None:
+        """Put the lambda shifts back where the times decrease strictly."""
+        d_lam = self.params[2]
+        with torch.no_grad():
+            d_lam.copy_(self._lam(d_lam) - self.lam_all[1 : self.n].to(d_lam))
+
+    def solver(self) -> tuple[Tensor, Tensor, Tensor]:
+        d_ratio, d_weight, d_lam = self.params
+        ratios = self.r0 * (1.0 + self.scale * d_ratio)
+        weights = self.w0 + self.scale * d_weight * self.mask
+        lam = (self.lam_all[1 : self.n].to(d_lam) + d_lam).clamp(
+            float(self.lo[0]), float(self.hi[-1])
+        )
+        times = self.sde.t_from_log_snr(2.0 * lam).to(**self.kw).clamp(max=self.sde.T)
+        return torch.cat([self.t_first, times]), ratios, weights
+
+    def run(self, x: Tensor, times: Tensor, ratios: Tensor, weights: Tensor) -> Tensor:
+        sigma2 = self.sde.sigma(times).square()
+        us: list[Tensor] = []
+        for i in range(self.n):
+            us.append(x + sigma2[i] * self.score_fn(x, times[i].expand(x.shape[0])))
+            hist = torch.stack(us, 0).flatten(1)  # [i + 1, B*D]
+            x = ratios[i] * x + (weights[i, : i + 1] @ hist).view_as(x)
+        return x
+
+    def result(self) -> LearnedMultistepSampler:
+        """The current solver; its times from float64 lambdas (a float32 run could round
+        two neighbours to the same t)."""
+        with torch.no_grad():
+            _, ratios, weights = self.solver()
+            lam = self._lam(self.params[2].detach().cpu().double())
+            t0 = torch.tensor([float(self.t_first)], dtype=torch.float64)
+            times = torch.cat([t0, self.sde.t_from_log_snr(2.0 * lam).double()])
+        return LearnedMultistepSampler(self.sde, times, ratios.cpu(), weights.cpu(), self.eps)
 
 
 __all__ = ["LearnedMultistepSampler", "fit_multistep", "unrolled"]
