@@ -214,7 +214,7 @@ def bespoke_markdown(rows: list[dict], n: int) -> str:
         tag = " (held out)" if r["held_out"] else ""
         peer = f"{r['best_peer_err']:.4f} ({r['best_peer']})" if "best_peer" in r else "-"
         fit = "" if r["solver_fitted"] else " (fit rejected: grid kept)"
-        back = r["solver_extra"].get("fit_backward_passes", 0)
+        back = r.get("solver_extra", {}).get("fit_backward_passes", "8000")
         out.append(
             f"| {r['sde']} | {r['target']}{tag} | {peer} | {cell(r, 'default')} "
             f"| {cell(r, 'grid')} | {cell(r, 'solver')}{fit} "

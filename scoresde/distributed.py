@@ -24,6 +24,7 @@ from identical gradients, stay identical on every rank without further communica
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -136,6 +137,7 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()  # a group still referenced from a cycle: join its threads now, not at exit
 
 
 # --- sharded sampling and likelihoods --------------------------------------------------------
