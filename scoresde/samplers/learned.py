@@ -273,10 +273,7 @@ class _Recursion:
         d_ratio, d_weight, d_lam = self.params
         ratios = self.r0 * (1.0 + self.scale * d_ratio)
         weights = self.w0 + self.scale * d_weight * self.mask
-        lam = (self.lam_all[1 : self.n].to(d_lam) + d_lam).clamp(
-            float(self.lo[0]), float(self.hi[-1])
-        )
-        times = self.sde.t_from_log_snr(2.0 * lam).to(**self.kw).clamp(max=self.sde.T)
+        times = self.sde.t_from_log_snr(2.0 * self._lam(d_lam)).to(**self.kw).clamp(max=self.sde.T)
         return torch.cat([self.t_first, times]), ratios, weights
 
     def run(self, x: Tensor, times: Tensor, ratios: Tensor, weights: Tensor) -> Tensor:
