@@ -51,10 +51,10 @@ CALIBRATION_NAME = "calibration.json"
 FORMAT = "scoresde.calibration"
 VERSION = 2  # 2 added `solver` (a fitted multistep solver); version 1 files still load
 _READABLE = (1, 2)
-_MAX_BYTES = 1 << 22
+_MAX_BYTES = 1 << 22  # a few grids: kB; refuse anything absurd
 # A fitted solver replaces the tuned grid only if its held-out gain is this many standard
 # errors of the paired per-path improvement (heavy-tailed errors make a lower RMS alone luck).
-_MIN_GAIN_Z = 2.0  # a few grids: kB; refuse anything absurd
+_MIN_GAIN_Z = 2.0
 
 
 def _registry_name(sampler: Any) -> str:
@@ -260,7 +260,7 @@ def calibrate(
         fit_pilots, fit_iterations: pilots and Adam steps of the solver fit.
     """
     from scoresde._validation import check_choice
-    from scoresde.samplers.schedules import optimize_time_grid
+    from scoresde.samplers.schedules import optimize_time_grid, pf_ode_reference
 
     name, steps, settings = sampler_settings(sampler)
     if not isinstance(sampler.time_grid, str):
@@ -288,16 +288,20 @@ def calibrate(
         return cls(sde, num_steps=len(grid) - 1, time_grid=grid, **settings)
 
     start = time.perf_counter()
+    x_ref = None
     with torch.no_grad():
+        if pilots is not None:  # one reference solve for the grid's pilots and the fit's
+            x_ref = pf_ode_reference(sde, counted, pilots, sampler.eps, rtol=reference_rtol)
         grid = optimize_time_grid(
             factory, counted, sde, steps, data_shape=tuple(data_shape),
-            x_T=None if pilots is None else pilots[:num_pilot], num_pilot=num_pilot,
+            x_T=None if pilots is None else pilots[:num_pilot],
+            x_ref=None if x_ref is None else x_ref[:num_pilot], num_pilot=num_pilot,
             init=sampler.time_grid, eps=sampler.eps, max_evals=max_evals, generator=generator,
             device=device, dtype=dtype, reference_rtol=reference_rtol, info=info,
         )  # fmt: skip
     solver, extra = None, {}
     if pilots is not None:
-        solver, extra = _fit_solver(counted, factory(grid), pilots, reference_rtol, fit_iterations)
+        solver, extra = _fit_solver(counted, factory(grid), pilots, x_ref, fit_iterations)
     seconds = time.perf_counter() - start
     return Calibration(
         sampler=name,
@@ -347,16 +351,13 @@ def _solver_pilots(
 
 
 def _fit_solver(
-    score: ScoreFn, sampler: Any, pilots: Tensor, reference_rtol: float, iterations: int
+    score: ScoreFn, sampler: Any, pilots: Tensor, x_ref: Tensor, iterations: int
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """(the fitted solver's entries, or None if it does not beat `sampler` on the held-out
-    pilots; the fit's record for `Calibration.extra`)."""
+    pilots; the fit's record for `Calibration.extra`). x_ref: the pilots' reference solves."""
     from scoresde.samplers.learned import fit_multistep, unrolled
-    from scoresde.samplers.schedules import pf_ode_reference
 
     start = time.perf_counter()
-    with torch.no_grad():
-        x_ref = pf_ode_reference(sampler.sde, score, pilots, sampler.eps, rtol=reference_rtol)
     fitted, info = fit_multistep(
         score, sampler.sde, unrolled(sampler), pilots, x_ref, iterations=iterations
     )

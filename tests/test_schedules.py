@@ -154,3 +154,27 @@ def test_other_samplers_and_never_worse_on_the_pilots(setup):
     before = pathwise_error(ddim(time_grid(sde, 4, "uniform")), score, x_T, x_ref)
     after = pathwise_error(ddim(grid), score, x_T, x_ref)
     assert after < before  # DDIM on a uniform grid is far from optimal
+
+
+def test_given_reference_is_used_and_not_solved_again(setup):
+    sde, score, factory = setup
+    x_T = sde.prior_sampling((32, 2), generator=torch.Generator().manual_seed(3), dtype=F64)
+    x_ref = pf_ode_reference(sde, score, x_T, 1e-3)
+    calls = {"n": 0}
+
+    def counted(x, t):
+        calls["n"] += 1
+        return score(x, t)
+
+    kw = dict(x_T=x_T, max_evals=20)
+    own = optimize_time_grid(factory, counted, sde, 4, **kw)
+    solved = calls["n"]
+    calls["n"] = 0
+    given = optimize_time_grid(factory, counted, sde, 4, x_ref=x_ref, **kw)
+    torch.testing.assert_close(given, own, rtol=0, atol=1e-12)
+    # Only the sampler runs remain (4 NFE each); the reference solve took the difference.
+    assert calls["n"] % 4 == 0 and solved - calls["n"] > 20
+    with pytest.raises(ValueError, match="x_ref"):
+        optimize_time_grid(factory, score, sde, 4, x_T=x_T, x_ref=x_ref[:5], max_evals=2)
+    with pytest.raises(ValueError, match="x_ref"):
+        optimize_time_grid(factory, score, sde, 4, data_shape=(2,), num_pilot=32, x_ref=x_ref)

@@ -281,8 +281,10 @@ class _Recursion:
         us: list[Tensor] = []
         for i in range(self.n):
             us.append(x + sigma2[i] * self.score_fn(x, times[i].expand(x.shape[0])))
-            hist = torch.stack(us, 0).flatten(1)  # [i + 1, B*D]
-            x = ratios[i] * x + (weights[i, : i + 1] @ hist).view_as(x)
+            step = ratios[i] * x
+            for j, u in enumerate(us):  # no re-stacking of the history each step
+                step = step + weights[i, j] * u
+            x = step
         return x
 
     def result(self) -> LearnedMultistepSampler:
