@@ -32,7 +32,7 @@ import torch
 
 from scoresde import DPMSolverSampler, SASolverSampler
 from scoresde.bench import targets as T
-from scoresde.bench.peers import CountingScore
+from scoresde.bench.peers import CountingScore, Problem
 from scoresde.bench.runner import _all_methods, run_accuracy
 from scoresde.calibration import calibrate
 from scoresde.toy import GaussianMixture
@@ -80,6 +80,7 @@ HELD_OUT = ("aniso32d", "grid25", "aniso8d", "modes64", "mix128d")
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    """RMS over paths of ||a - b||."""
     return float((a - b).flatten(1).norm(dim=1).square().mean().sqrt())
 
 
@@ -119,44 +120,86 @@ def vs_peers(n: int) -> list[dict]:
     return rows
 
 
-def bespoke(n: int) -> list[dict]:
+def path_errors(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-path distances ||a - b|| `[B]` (float64)."""
+    return (a - b).flatten(1).norm(dim=1).double()
+
+
+def ratio_interval(peer: torch.Tensor, ours: torch.Tensor, draws: int = 1000) -> list[float]:
+    """95 % paired-bootstrap interval of RMS(peer) / RMS(ours) over the same paths: the RMS
+    at 10 NFE is carried by the few paths that end in another component, so a ratio on a
+    few thousand paths is itself uncertain."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, peer.numel(), (draws, peer.numel()), generator=g)
+    ratios = (peer.square()[idx].mean(1) / ours.square()[idx].mean(1)).sqrt()
+    return [float(ratios.quantile(0.025)), float(ratios.quantile(0.975))]
+
+
+def peer_errors(name: str, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-path ode_err of each of diffusers' PEERS at 10 NFE from x_T = z (VP), each against
+    a tight solve over the scheduler's own (t_start, t_end)."""
+    methods, gm, sde = _all_methods(), T.TARGETS[name].mixture(), T.make_sde("vp")
+    refs: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for m in PEERS:
+        ends = methods[m].endpoints(sde, 10)
+        if ends not in refs:
+            refs[ends] = T.reference_solve(sde, gm, z, *ends)
+        x, _ = methods[m](Problem(sde, gm), z, 10, torch.Generator().manual_seed(2))
+        out[m] = path_errors(x, refs[ends])
+    return out
+
+
+def bespoke(n: int, out: Path | None = None) -> list[dict]:
     """ode_err at 10 NFE of DPMSolverSampler(sde, 10): default, its grid calibrated
     (`method="grid"`) and the bespoke solver fitted on that grid (`method="solver"`), against
-    diffusers' best (VP; diffusers' schedulers have no VE) on every target. The calibrations
-    use pilots of their own seed (1); the errors are on the benchmark's paths (seed 0)."""
-    methods = _all_methods()
+    diffusers' best (VP; diffusers' schedulers have no VE) on every target, with a 95 %
+    paired-bootstrap interval on each ratio. The calibrations use pilots of their own seed
+    (1); the errors are on the benchmark's paths (seed 0). With `out`, the results so far
+    are written after every row."""
     rows = []
     cases = [("vp", name) for name in HELD_IN + HELD_OUT] + [("ve", "grid25"), ("ve", "aniso8d")]
     for kind, name in cases:
         row: dict = dict(target=name, sde=kind, held_out=name in HELD_OUT)
-        if kind == "vp":
-            res = run_accuracy(name, [methods[m] for m in PEERS], (10,), n=n)
-            peers = {r["method"]: r.get("ode_err") for r in res["rows"]}
-            best = min((v, k) for k, v in peers.items() if v is not None)
-            row.update(best_peer=best[1], best_peer_err=best[0], peers=peers)
         gm, sde = T.TARGETS[name].mixture(), T.make_sde(kind)
-        score = CountingScore(sde, gm)
         z, ref = prior_paths(sde, gm, n)
-        sampler = DPMSolverSampler(sde, 10)
-        row["default"] = rms(sampler.sample(score, (0,), x_init=z), ref)
+        best = None
+        if kind == "vp":
+            peers = peer_errors(name, z)
+            rms_of = {k: float(e.square().mean().sqrt()) for k, e in peers.items()}
+            row["best_peer"] = min(rms_of, key=rms_of.get)
+            row.update(best_peer_err=rms_of[row["best_peer"]], peers=rms_of)
+            best = peers[row["best_peer"]]
+            row["best_peer_median"] = float(best.median())
+        score = CountingScore(sde, gm)
+        samplers = {"default": DPMSolverSampler(sde, 10)}
         for method in ("grid", "solver"):
-            cal = calibrate(
-                score,
-                sampler,
-                data_shape=(gm.dim,),
-                method=method,
-                num_pilot=2048,
-                max_evals=150,
-                generator=torch.Generator().manual_seed(1),
-            )
-            row[method] = rms(cal.make_sampler(sde).sample(score, (0,), x_init=z), ref)
+            cal = calibrate(score, samplers["default"], data_shape=(gm.dim,), method=method,
+                            num_pilot=2048, max_evals=150,
+                            generator=torch.Generator().manual_seed(1))  # fmt: skip
+            samplers[method] = cal.make_sampler(sde)
             row[f"{method}_nfe"], row[f"{method}_s"] = cal.nfe, cal.seconds
             row[f"{method}_extra"] = cal.extra
             row[f"{method}_fitted"] = cal.solver is not None
+        for key, sampler in samplers.items():
+            err = path_errors(sampler.sample(score, (0,), x_init=z), ref)
+            row[key], row[f"{key}_median"] = float(err.square().mean().sqrt()), float(err.median())
+            if best is not None:
+                row[f"{key}_ratio_ci"] = ratio_interval(best, err)
         rows.append(row)
         print({k: v for k, v in row.items() if k not in ("peers", "solver_extra")}, flush=True)
+        if out is not None:
+            write_bespoke(rows, n, out)
     rows.append(bespoke_trained(n))
+    if out is not None:
+        write_bespoke(rows, n, out)
     return rows
+
+
+def write_bespoke(rows: list[dict], n: int, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bespoke_few_step.json").write_text(json.dumps(rows, indent=1))
+    (out / "bespoke_few_step.md").write_text(bespoke_markdown(rows, n))
 
 
 def bespoke_trained(n: int) -> dict:
@@ -175,15 +218,19 @@ def bespoke_trained(n: int) -> dict:
         flow = ProbabilityFlow(sde, net, t_range=(1e-3, sde.T))
         ref = solve(flow, z, sde.T, 1e-3, "dopri5", rtol=1e-9, atol=1e-9)
     row: dict = dict(target="mlp2d (trained MLP)", sde="vp", held_out=True)
-    sampler = DPMSolverSampler(sde, 10)
-    row["default"] = rms(sampler.sample(net, (0,), x_init=z), ref)
+    samplers = {"default": DPMSolverSampler(sde, 10)}
     for method in ("grid", "solver"):
-        cal = calibrate(net, sampler, data_shape=(2,), method=method, num_pilot=2048,
-                        max_evals=150, generator=torch.Generator().manual_seed(1))  # fmt: skip
-        row[method] = rms(cal.make_sampler(sde).sample(net, (0,), x_init=z), ref)
+        cal = calibrate(net, samplers["default"], data_shape=(2,), method=method,
+                        num_pilot=2048, max_evals=150,
+                        generator=torch.Generator().manual_seed(1))  # fmt: skip
+        samplers[method] = cal.make_sampler(sde)
         row[f"{method}_nfe"], row[f"{method}_s"] = cal.nfe, cal.seconds
         row[f"{method}_extra"] = cal.extra
         row[f"{method}_fitted"] = cal.solver is not None
+    for key, sampler in samplers.items():
+        with torch.no_grad():
+            err = path_errors(sampler.sample(net, (0,), x_init=z), ref)
+        row[key], row[f"{key}_median"] = float(err.square().mean().sqrt()), float(err.median())
     print({k: v for k, v in row.items() if k not in ("peers", "solver_extra")}, flush=True)
     return row
 
@@ -193,26 +240,34 @@ def bespoke_markdown(rows: list[dict], n: int) -> str:
     out += [f"Command: `python benchmarks/few_step.py --part bespoke --n {n}`", ""]
     out += [
         f"ode_err (RMS distance to a tight solve of the same probability-flow ODE from the same "
-        f"x_T, {n} paths, exact scores). In brackets: best diffusers' ode_err / this one. "
-        "Calibrations (the defaults): 2,048 pilots for the grid (150 Nelder-Mead runs); the "
-        "bespoke solver adds a fit on 4,096 pilots (the last 1,024 held out; 800 Adam steps), "
-        "pilots of another seed "
-        "than the paths measured. cost: score evaluations (each a batch of pilots) and seconds "
-        "of the whole calibration; backward: passes back through one evaluation.",
+        f"x_T, {n} paths; exact scores except the trained network's row). In brackets: best "
+        "diffusers' ode_err / this one, and its 95 % paired-bootstrap interval; then the median "
+        "per-path error. Calibrations (the defaults): 2,048 pilots for the grid (150 "
+        "Nelder-Mead runs); the bespoke solver adds a fit on 4,096 pilots (the last 1,024 held "
+        "out; 800 Adam steps), pilots of another seed than the paths measured. cost: score "
+        "evaluations (each a batch of pilots) and seconds of the whole calibration; backward: "
+        "passes back through one evaluation.",
         "",
-        "| SDE | target | best diffusers (which) | default | calibrated grid "
+        "| SDE | target | best diffusers (which; median) | default | calibrated grid "
         "| bespoke solver | cost (grid / bespoke) |",
         "|---|---|---|---|---|---|---|",
     ]
 
     def cell(r: dict, key: str) -> str:
-        v = r[key]
-        best = r.get("best_peer_err")
-        return f"{v:.4f}" + (f" ({best / v:.2f}x)" if best else "")
+        v, best, ci = r[key], r.get("best_peer_err"), r.get(f"{key}_ratio_ci")
+        ratio = f"{best / v:.2f}x" if best else ""
+        ratio += f", {ci[0]:.2f}-{ci[1]:.2f}" if ci else ""
+        median = f"median {r[key + '_median']:.4f}" if f"{key}_median" in r else ""
+        inside = "; ".join(x for x in (ratio, median) if x)
+        return f"{v:.4f}" + (f" ({inside})" if inside else "")
 
     for r in rows:
         tag = " (held out)" if r["held_out"] else ""
-        peer = f"{r['best_peer_err']:.4f} ({r['best_peer']})" if "best_peer" in r else "-"
+        peer = "-"
+        if "best_peer" in r:
+            median = r.get("best_peer_median")
+            which = r["best_peer"] + (f"; median {median:.4f}" if median else "")
+            peer = f"{r['best_peer_err']:.4f} ({which})"
         fit = "" if r["solver_fitted"] else " (fit rejected: grid kept)"
         back = r.get("solver_extra", {}).get("fit_backward_passes", "8000")
         out.append(
@@ -509,15 +564,11 @@ def main() -> None:
     if args.part == "bespoke_trained":
         # Only the trained-network row; the exact-score rows of bespoke_few_step.json stay.
         rows = json.loads((args.out / "bespoke_few_step.json").read_text())
-        rows = [r for r in rows if not r["target"].startswith("mlp2d")] + [bespoke_trained(args.n)]
-        (args.out / "bespoke_few_step.json").write_text(json.dumps(rows, indent=1))
-        (args.out / "bespoke_few_step.md").write_text(bespoke_markdown(rows, args.n))
+        rows = [r for r in rows if not r["target"].startswith("mlp2d")]
+        write_bespoke(rows + [bespoke_trained(args.n)], args.n, args.out)
         return
     if args.part == "bespoke":
-        rows = bespoke(args.n)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bespoke_few_step.json").write_text(json.dumps(rows, indent=1))
-        (args.out / "bespoke_few_step.md").write_text(bespoke_markdown(rows, args.n))
+        bespoke(args.n, args.out)
         return
     if args.part == "stochastic_table":
         # Re-measure only few_step.md's last table (the stochastic samplers at 10-20 NFE,
