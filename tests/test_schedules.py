@@ -178,3 +178,5 @@ def test_given_reference_is_used_and_not_solved_again(setup):
         optimize_time_grid(factory, score, sde, 4, x_T=x_T, x_ref=x_ref[:5], max_evals=2)
     with pytest.raises(ValueError, match="x_ref"):
         optimize_time_grid(factory, score, sde, 4, data_shape=(2,), num_pilot=32, x_ref=x_ref)
+    with pytest.raises(TypeError, match="x_ref"):
+        optimize_time_grid(factory, score, sde, 4, x_T=x_T, x_ref=x_ref.tolist(), max_evals=2)

@@ -263,11 +263,15 @@ def optimize_time_grid(
         )
     if x_ref is None:
         x_ref = pf_ode_reference(sde, score_fn, pilots, eps, rtol=reference_rtol)
+    elif not isinstance(x_ref, torch.Tensor):
+        raise TypeError(f"x_ref must be a tensor, got {type(x_ref).__name__}")
     elif x_T is None or x_ref.shape != pilots.shape:
         shape = None if x_T is None else tuple(pilots.shape)
         raise ValueError(
             f"x_ref needs x_T of the same shape, got x_ref {tuple(x_ref.shape)}, x_T {shape}"
         )
+    else:
+        x_ref = x_ref.to(pilots)  # the pilots' device and dtype
     # Unguarded: a failure on the initial grid is the user's to see (bad score_fn, factory).
     init_err = pathwise_error(probe, score_fn, pilots, x_ref)
 
