@@ -233,6 +233,7 @@ def calibrate(
     max_evals: int | None = None,
     fit_pilots: int = 4096,
     fit_iterations: int = 800,
+    fit_batch: int | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
@@ -258,6 +259,9 @@ def calibrate(
             with method="solver" the grid is tuned on the first `num_pilot` of the
             `fit_pilots` draws).
         fit_pilots, fit_iterations: pilots and Adam steps of the solver fit.
+        fit_batch: training pilots per Adam step (drawn afresh each step); None: all of
+            them. A smaller batch makes each step cheaper (a large network, a CPU), for a
+            noisier fit. Its evaluations count in `nfe` like the others (on fewer pilots).
     """
     from scoresde._validation import check_choice
     from scoresde.samplers.schedules import optimize_time_grid, pf_ode_reference
@@ -269,7 +273,7 @@ def calibrate(
     pilots = None
     if method == "solver":
         pilots = _solver_pilots(
-            name, sampler, data_shape, num_pilot, fit_pilots, fit_iterations, generator,
+            name, sampler, data_shape, num_pilot, fit_pilots, fit_iterations, fit_batch, generator,
             device, dtype,
         )  # fmt: skip
     count = {"nfe": 0}
@@ -301,7 +305,9 @@ def calibrate(
         )  # fmt: skip
     solver, extra = None, {}
     if pilots is not None:
-        solver, extra = _fit_solver(counted, factory(grid), pilots, x_ref, fit_iterations)
+        solver, extra = _fit_solver(
+            counted, factory(grid), pilots, x_ref, fit_iterations, fit_batch
+        )
     seconds = time.perf_counter() - start
     return Calibration(
         sampler=name,
@@ -327,6 +333,7 @@ def _solver_pilots(
     num_pilot: int,
     fit_pilots: int,
     fit_iterations: int,
+    fit_batch: int | None,
     generator: torch.Generator | None,
     device: Any,
     dtype: torch.dtype,
@@ -343,6 +350,8 @@ def _solver_pilots(
         )
     check_positive_int("fit_pilots", fit_pilots)
     check_positive_int("fit_iterations", fit_iterations)
+    if fit_batch is not None:
+        check_positive_int("fit_batch", fit_batch)
     if fit_pilots < 2 * num_pilot:
         raise ValueError(f"fit_pilots={fit_pilots} must be at least twice num_pilot={num_pilot}")
     if generator is None:
@@ -351,7 +360,12 @@ def _solver_pilots(
 
 
 def _fit_solver(
-    score: ScoreFn, sampler: Any, pilots: Tensor, x_ref: Tensor, iterations: int
+    score: ScoreFn,
+    sampler: Any,
+    pilots: Tensor,
+    x_ref: Tensor,
+    iterations: int,
+    batch: int | None = None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """(the fitted solver's entries, or None if it does not beat `sampler` on the held-out
     pilots; the fit's record for `Calibration.extra`). x_ref: the pilots' reference solves."""
@@ -359,11 +373,13 @@ def _fit_solver(
 
     start = time.perf_counter()
     fitted, info = fit_multistep(
-        score, sampler.sde, unrolled(sampler), pilots, x_ref, iterations=iterations
-    )
+        score, sampler.sde, unrolled(sampler), pilots, x_ref, iterations=iterations,
+        batch_size=batch,
+    )  # fmt: skip
     extra = dict(
         fit_pilots=int(pilots.shape[0]),
         fit_iterations=int(iterations),
+        fit_batch=None if batch is None else int(batch),
         fit_backward_passes=int(info["gradients"]) * int(sampler.num_steps),
         fit_seconds=time.perf_counter() - start,
         solver_initial_error=info["initial_error"],

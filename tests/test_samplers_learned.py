@@ -79,6 +79,33 @@ def test_fit_lowers_the_error_on_fresh_draws_of_an_exact_model() -> None:
     assert all(a > b for a, b in zip(fitted.times, fitted.times[1:], strict=False))
 
 
+def test_minibatch_fit_lowers_the_error_on_fresh_draws() -> None:
+    sde = VPSDE()
+    gm = _mixture(3, 3, seed=34)  # another mixture no setting was chosen on
+    score = _score(gm, sde)
+    dpm = DPMSolverSampler(sde, 6)
+    gen = torch.Generator().manual_seed(10)
+    pilots = torch.randn(768, 3, generator=gen, dtype=torch.float64)
+    ref = pf_ode_reference(sde, score, pilots, dpm.eps, rtol=1e-8)
+    sizes = []
+
+    def count(x, t):
+        sizes.append(x.shape[0])
+        return score(x, t)
+
+    fitted, info = fit_multistep(count, sde, unrolled(dpm), pilots, ref, iterations=150,
+                                 batch_size=96)  # fmt: skip
+    assert info["error"] < info["initial_error"] and info["gradients"] == 150
+    assert sizes.count(96) == 150 * 6  # every training pass on a batch; validations on 192
+    fresh = torch.randn(768, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    fresh_ref = pf_ode_reference(sde, score, fresh, dpm.eps, rtol=1e-8)
+    before = pathwise_error(dpm, score, fresh, fresh_ref)
+    after = pathwise_error(fitted, score, fresh, fresh_ref)
+    assert after < 0.8 * before, (before, after)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit_multistep(score, sde, unrolled(dpm), pilots, ref, batch_size=0)
+
+
 def test_calibrate_solver_round_trips_and_is_used(tmp_path: Path) -> None:
     sde = VPSDE()
     gm = _mixture(2, 3, seed=44)
@@ -164,6 +191,8 @@ def test_bad_arguments_are_named() -> None:
         calibrate(score, DDIMSampler(sde, 4), data_shape=(2,), method="solver")
     with pytest.raises(ValueError, match="fit_pilots"):
         calibrate(score, DPMSolverSampler(sde, 4), data_shape=(2,), method="solver", fit_pilots=8)
+    with pytest.raises(ValueError, match="fit_batch"):
+        calibrate(score, DPMSolverSampler(sde, 4), data_shape=(2,), method="solver", fit_batch=0)
     t, r, w, eps = unrolled(DPMSolverSampler(sde, 3))
     bad = [row[:] for row in w]
     bad[0][2] = 1.0

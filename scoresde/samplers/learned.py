@@ -143,6 +143,7 @@ def fit_multistep(
     lr: float = 1e-3,
     time_lr: float = 1e-2,
     validation: float = 0.25,
+    batch_size: int | None = None,
     on_eval: Callable[[int], None] | None = None,
 ) -> tuple[LearnedMultistepSampler, dict[str, Any]]:
     """Fit a bespoke solver to `score_fn` (see the module doc) from `start` = (times, ratios,
@@ -155,8 +156,11 @@ def fit_multistep(
         iterations: full-batch Adam steps with a cosine-decayed learning rate `lr` (relative
             change of the ratios, absolute change of the weights; both scaled by alpha(eps))
             and `time_lr` (the interior evaluation times, moved in lambda = log(alpha/sigma)).
+        batch_size: Adam steps on this many training pilots drawn afresh each step (a
+            private generator, seed 0) instead of all of them: each step costs
+            batch_size / (training pilots) of a full one, for a noisier gradient. None: all.
         on_eval: called with the number of score evaluations of each pass (each on the
-            training pilots), so the caller can count NFE.
+            training pilots, or on a batch of them), so the caller can count NFE.
 
     Returns:
         (the fitted `LearnedMultistepSampler`, info: "initial_error" / "error" (held-out RMS
@@ -167,6 +171,10 @@ def fit_multistep(
     """
     if not (0.0 < validation < 1.0):
         raise ValueError(f"validation must be in (0, 1), got {validation!r}")
+    if batch_size is not None:
+        from scoresde._validation import check_positive_int
+
+        check_positive_int("batch_size", batch_size)
     b = x_T.shape[0]
     n_val = max(1, int(round(b * validation)))
     if b - n_val < 1:
@@ -193,9 +201,16 @@ def fit_multistep(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iterations, 1))
     check_every = max(1, iterations // 20)
     train, gradients = math.nan, 0
+    m = train_x.shape[0]
+    batches = None if batch_size is None or batch_size >= m else (batch_size, m)
+    gen = torch.Generator(device=x_T.device).manual_seed(0) if batches else None
     for it in range(iterations):
+        xb, rb = train_x, train_ref
+        if batches is not None:
+            pick = torch.randperm(m, generator=gen, device=x_T.device)[: batches[0]]
+            xb, rb = train_x[pick], train_ref[pick]
         with torch.enable_grad():
-            loss = (fit.run(train_x, *fit.solver()) - train_ref).flatten(1).square().sum(1).mean()
+            loss = (fit.run(xb, *fit.solver()) - rb).flatten(1).square().sum(1).mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         gradients += 1
         if on_eval is not None:
