@@ -72,7 +72,14 @@ def inc(key):
 
 def repl(m):
     key = m.group(1)
-    if key in ("schedules", "conditional", "stochastic_few_step", "bespoke_few_step", "switching"):
+    if key in (
+        "schedules",
+        "conditional",
+        "stochastic_few_step",
+        "bespoke_few_step",
+        "switching",
+        "fit_batch",
+    ):
         lines = (R / f"{key}.md").read_text().splitlines()[1:]  # the page has its title
         body = "\n".join(ln for ln in lines if not ln.startswith("Command:"))
         return demote(demote(body)).strip()

@@ -168,8 +168,9 @@ class ScoreModel(nn.Module):
             data_shape: one sample's shape (default: the model spec's, if it is complete).
             kwargs: `method` ("grid", or "solver": also fit a bespoke multistep solver,
                 see `scoresde.calibration.calibrate`), `num_pilot` (2048), `max_evals`,
-                `fit_pilots`, `fit_iterations`, `generator`, `device` and `dtype` (default:
-                the weights').
+                `fit_pilots`, `fit_iterations`, `fit_batch` (pilots per Adam step of the
+                fit; default all), `generator`, `device` and `dtype` (default: the
+                weights').
         """
         from scoresde.calibration import calibrate
 
