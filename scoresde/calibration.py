@@ -259,9 +259,8 @@ def calibrate(
             with method="solver" the grid is tuned on the first `num_pilot` of the
             `fit_pilots` draws).
         fit_pilots, fit_iterations: pilots and Adam steps of the solver fit.
-        fit_batch: training pilots per Adam step (drawn afresh each step); None: all of
-            them. A smaller batch makes each step cheaper (a large network, a CPU), for a
-            noisier fit. Its evaluations count in `nfe` like the others (on fewer pilots).
+        fit_batch: training pilots per Adam step (drawn afresh each step; None: all): a
+            cheaper step, a noisier fit. Its evaluations count in `nfe` (on fewer pilots).
     """
     from scoresde._validation import check_choice
     from scoresde.samplers.schedules import optimize_time_grid, pf_ode_reference

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from scoresde._typing import ScoreFn, Tensor
+from scoresde._validation import check_positive_int
 from scoresde.samplers._multistep import MultistepPlan, run_plan
 from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.samplers.toolkit import Coefficients, cached
@@ -172,8 +173,6 @@ def fit_multistep(
     if not (0.0 < validation < 1.0):
         raise ValueError(f"validation must be in (0, 1), got {validation!r}")
     if batch_size is not None:
-        from scoresde._validation import check_positive_int
-
         check_positive_int("batch_size", batch_size)
     b = x_T.shape[0]
     n_val = max(1, int(round(b * validation)))
@@ -201,14 +200,9 @@ def fit_multistep(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iterations, 1))
     check_every = max(1, iterations // 20)
     train, gradients = math.nan, 0
-    m = train_x.shape[0]
-    batches = None if batch_size is None or batch_size >= m else (batch_size, m)
-    gen = torch.Generator(device=x_T.device).manual_seed(0) if batches else None
+    batch = _Batches(train_x, train_ref, batch_size)
     for it in range(iterations):
-        xb, rb = train_x, train_ref
-        if batches is not None:
-            pick = torch.randperm(m, generator=gen, device=x_T.device)[: batches[0]]
-            xb, rb = train_x[pick], train_ref[pick]
+        xb, rb = batch()
         with torch.enable_grad():
             loss = (fit.run(xb, *fit.solver()) - rb).flatten(1).square().sum(1).mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -230,21 +224,36 @@ def fit_multistep(
                 best = (err, it, [p.detach().clone() for p in params], sq)
     for p, v in zip(params, best[2], strict=True):
         p.data.copy_(v)
-    # Per-path errors are heavy tailed (paths near a boundary between modes dominate the
-    # RMS), so a lower held-out RMS can be luck: call the gain significant only if the paired
-    # per-path improvement is over two standard errors.
-    gain = (initial_sq - best[3]).nan_to_num(0.0)
-    se = float(gain.std()) / math.sqrt(gain.numel()) if gain.numel() > 1 else math.inf
-    info = dict(
-        initial_error=initial,
-        error=best[0],
-        gain_z=float(gain.mean()) / se if se > 0 else (math.inf if best[1] >= 0 else 0.0),
-        train_error=train,
-        iterations=iterations,
-        best_iteration=best[1],
-        gradients=gradients,
-    )
+    info = dict(initial_error=initial, error=best[0], train_error=train, iterations=iterations)
+    info.update(best_iteration=best[1], gradients=gradients)
+    info["gain_z"] = _gain_z(initial_sq, best[3], moved=best[1] >= 0)
     return fit.result(), info
+
+
+def _gain_z(initial_sq: Tensor, best_sq: Tensor, moved: bool) -> float:
+    """Mean paired per-path reduction of the squared error over its standard error. Per-path
+    errors are heavy tailed (paths near a boundary between modes dominate the RMS), so a
+    lower held-out RMS can be luck: the fit counts as a gain only if this is over 2."""
+    gain = (initial_sq - best_sq).nan_to_num(0.0)
+    se = float(gain.std()) / math.sqrt(gain.numel()) if gain.numel() > 1 else math.inf
+    return float(gain.mean()) / se if se > 0 else (math.inf if moved else 0.0)
+
+
+class _Batches:
+    """Each call: (x_T, x_ref) of all training pilots, or of `size` of them drawn afresh
+    (a private generator, seed 0)."""
+
+    def __init__(self, x: Tensor, ref: Tensor, size: int | None) -> None:
+        self.x, self.ref = x, ref
+        self.size = None if size is None or size >= x.shape[0] else size
+        self.gen = torch.Generator(device=x.device).manual_seed(0) if self.size else None
+
+    def __call__(self) -> tuple[Tensor, Tensor]:
+        if self.size is None:
+            return self.x, self.ref
+        pick = torch.randperm(self.x.shape[0], generator=self.gen, device=self.x.device)
+        pick = pick[: self.size]
+        return self.x[pick], self.ref[pick]
 
 
 class _Recursion:

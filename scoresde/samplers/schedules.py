@@ -221,12 +221,11 @@ def optimize_time_grid(
         data_shape: one sample's shape `D` (e.g. `(2,)` or `(1, 28, 28)`); the pilots are
             `num_pilot` prior draws of shape `[num_pilot, *D]`. Not needed with `x_T`.
         x_T: pilot prior draws `[B, *D]` to use instead (their device wins).
-        x_ref: with `x_T`, their reference solves `[B, *D]` if already made (by
-            `pf_ode_reference` to `eps` at `reference_rtol`), so they are not solved again.
+        x_ref: with `x_T`, their reference solves `[B, *D]` if already made
+            (`pf_ode_reference` to `eps`), so they are not solved again.
         num_pilot: number of pilot draws (ignored with `x_T`). Per-sample errors are heavy
-            tailed (draws near a boundary between modes dominate the RMS), so a small pilot
-            set overfits: on the 2-D benchmark 512 pilots made DPM-Solver++(3M) without
-            corrector worse on fresh draws at 20 NFE, 2048 did not.
+            tailed (draws near a mode boundary dominate the RMS): too few pilots overfit
+            (2-D benchmark, 3M without corrector at 20 NFE: 512 did, 2048 did not).
         eps: the end time (the grid's last point and the reference solve's end).
         init: the starting grid: a kind of `time_grid` ("quadratic", "logsnr", ...) or a
             tensor `[num_steps + 1]` from T to eps.
@@ -252,7 +251,6 @@ def optimize_time_grid(
         sampler_factory, score_fn, sde, num_steps, eps, max_params, max_evals, dtype, generator
     )
     grid_map = _GridMap(sde, _initial_grid(sde, num_steps, init, eps), max_params)
-
     pilots = _pilots(sde, x_T, data_shape, num_pilot, generator, device, dtype)
     p = grid_map.num_params
     start = [0.0] * p
@@ -261,17 +259,7 @@ def optimize_time_grid(
         raise TypeError(
             f"sampler_factory must return a scoresde Sampler, got {type(probe).__name__}"
         )
-    if x_ref is None:
-        x_ref = pf_ode_reference(sde, score_fn, pilots, eps, rtol=reference_rtol)
-    elif not isinstance(x_ref, torch.Tensor):
-        raise TypeError(f"x_ref must be a tensor, got {type(x_ref).__name__}")
-    elif x_T is None or x_ref.shape != pilots.shape:
-        shape = None if x_T is None else tuple(pilots.shape)
-        raise ValueError(
-            f"x_ref needs x_T of the same shape, got x_ref {tuple(x_ref.shape)}, x_T {shape}"
-        )
-    else:
-        x_ref = x_ref.to(pilots)  # the pilots' device and dtype
+    x_ref = _reference(sde, score_fn, pilots, x_T, x_ref, eps, reference_rtol)
     # Unguarded: a failure on the initial grid is the user's to see (bad score_fn, factory).
     init_err = pathwise_error(probe, score_fn, pilots, x_ref)
 
@@ -310,6 +298,23 @@ def _nm_options(x0: list[float], budget: int, scale: float) -> dict[str, Any]:
         "fatol": 1e-4 * scale,  # stop once the simplex agrees to 0.01% of the initial error
         "adaptive": p > 4,  # Gao & Han's dimension-dependent coefficients
     }
+
+
+def _reference(
+    sde: SDE, score_fn: ScoreFn, pilots: Tensor, x_T: Any, x_ref: Any, eps: float, rtol: float
+) -> Tensor:
+    """The pilots' reference solves: `x_ref` checked against the user's `x_T` (moved to the
+    pilots' device and dtype), else solved here."""
+    if x_ref is None:
+        return pf_ode_reference(sde, score_fn, pilots, eps, rtol=rtol)
+    if not isinstance(x_ref, torch.Tensor):
+        raise TypeError(f"x_ref must be a tensor, got {type(x_ref).__name__}")
+    if x_T is None or x_ref.shape != pilots.shape:
+        shape = None if x_T is None else tuple(pilots.shape)
+        raise ValueError(
+            f"x_ref needs x_T of the same shape, got x_ref {tuple(x_ref.shape)}, x_T {shape}"
+        )
+    return x_ref.to(pilots)
 
 
 def _pilots(
