@@ -60,18 +60,26 @@ def test_unrolled_recursion_is_the_dpm_solver(sde, kw) -> None:
     torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11)
 
 
-def test_fit_lowers_the_error_on_fresh_draws_of_an_exact_model() -> None:
+def _draws(sde, score, eps: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """768 prior draws in 3-D and their tight probability-flow solves to eps."""
+    x = torch.randn(768, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return x, pf_ode_reference(sde, score, x, eps, rtol=1e-8)
+
+
+def _fit_case(mixture_seed: int, pilot_seed: int):
+    """(sde, exact score of a 3-component 3-D mixture no setting was chosen on, a 6-step
+    DPMSolverSampler, pilots and their references)."""
     sde = VPSDE()
-    gm = _mixture(3, 3, seed=33)  # a mixture no setting was chosen on
-    score = _score(gm, sde)
+    score = _score(_mixture(3, 3, seed=mixture_seed), sde)
     dpm = DPMSolverSampler(sde, 6)
-    gen = torch.Generator().manual_seed(8)
-    pilots = torch.randn(768, 3, generator=gen, dtype=torch.float64)
-    ref = pf_ode_reference(sde, score, pilots, dpm.eps, rtol=1e-8)
+    return sde, score, dpm, *_draws(sde, score, dpm.eps, pilot_seed)
+
+
+def test_fit_lowers_the_error_on_fresh_draws_of_an_exact_model() -> None:
+    sde, score, dpm, pilots, ref = _fit_case(33, 8)
     fitted, info = fit_multistep(score, sde, unrolled(dpm), pilots, ref, iterations=120)
     assert info["error"] < info["initial_error"] and info["gradients"] == 120
-    fresh = torch.randn(768, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    fresh_ref = pf_ode_reference(sde, score, fresh, dpm.eps, rtol=1e-8)
+    fresh, fresh_ref = _draws(sde, score, dpm.eps, 9)
     before = pathwise_error(dpm, score, fresh, fresh_ref)
     after = pathwise_error(fitted, score, fresh, fresh_ref)
     assert after < 0.7 * before, (before, after)
@@ -80,13 +88,7 @@ def test_fit_lowers_the_error_on_fresh_draws_of_an_exact_model() -> None:
 
 
 def test_minibatch_fit_lowers_the_error_on_fresh_draws() -> None:
-    sde = VPSDE()
-    gm = _mixture(3, 3, seed=34)  # another mixture no setting was chosen on
-    score = _score(gm, sde)
-    dpm = DPMSolverSampler(sde, 6)
-    gen = torch.Generator().manual_seed(10)
-    pilots = torch.randn(768, 3, generator=gen, dtype=torch.float64)
-    ref = pf_ode_reference(sde, score, pilots, dpm.eps, rtol=1e-8)
+    sde, score, dpm, pilots, ref = _fit_case(34, 10)
     sizes = []
 
     def count(x, t):
@@ -97,8 +99,7 @@ def test_minibatch_fit_lowers_the_error_on_fresh_draws() -> None:
                                  batch_size=96)  # fmt: skip
     assert info["error"] < info["initial_error"] and info["gradients"] == 150
     assert sizes.count(96) == 150 * 6  # every training pass on a batch; validations on 192
-    fresh = torch.randn(768, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    fresh_ref = pf_ode_reference(sde, score, fresh, dpm.eps, rtol=1e-8)
+    fresh, fresh_ref = _draws(sde, score, dpm.eps, 11)
     before = pathwise_error(dpm, score, fresh, fresh_ref)
     after = pathwise_error(fitted, score, fresh, fresh_ref)
     assert after < 0.8 * before, (before, after)
