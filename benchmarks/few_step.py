@@ -10,7 +10,7 @@ SA-Solver; 10,000 samples in 2-D) and writes stochastic_few_step.json / .md inst
 few_step.json with the other parts).
 `--part bespoke` runs only the calibrations at 10 NFE - the tuned grid and the bespoke solver
 fitted on it (`calibrate(..., method="solver")`) - against diffusers' best and writes
-bespoke_few_step.json / .md (about an hour).
+bespoke_few_step.json / .md (about 1.5 hours with --n 10000, the committed run).
 
 Held-out targets (defined here, never used to tune a setting; they decide whether an option
 that wins on the held-in ones becomes a default): "aniso32d", 6 components in 32-D with

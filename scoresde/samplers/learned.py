@@ -154,7 +154,7 @@ def fit_multistep(
         x_T: pilot prior draws `[B, *D]`; x_ref: their tight probability-flow solutions at
             eps `[B, *D]`. The last `validation` fraction is held out: the returned solver is
             the iterate with the lowest held-out RMS error (the start if none beats it).
-        iterations: full-batch Adam steps with a cosine-decayed learning rate `lr` (relative
+        iterations: Adam steps (full batch unless `batch_size`), cosine-decayed rate `lr` (relative
             change of the ratios, absolute change of the weights; both scaled by alpha(eps))
             and `time_lr` (the interior evaluation times, moved in lambda = log(alpha/sigma)).
         batch_size: Adam steps on this many training pilots drawn afresh each step (a
