@@ -52,8 +52,9 @@ FORMAT = "scoresde.calibration"
 VERSION = 2  # 2 added `solver` (a fitted multistep solver); version 1 files still load
 _READABLE = (1, 2)
 _MAX_BYTES = 1 << 22  # a few grids: kB; refuse anything absurd
-# A fitted solver replaces the tuned grid only if its held-out gain is this many standard
-# errors of the paired per-path improvement (heavy-tailed errors make a lower RMS alone luck).
+# A fitted solver replaces the tuned grid only if its gain on the test pilots (fresh draws the
+# fit never saw, not even to pick its best iterate) is this many standard errors of the paired
+# per-path improvement (heavy-tailed errors make a lower RMS alone luck).
 _MIN_GAIN_Z = 2.0
 
 
@@ -177,8 +178,8 @@ class Calibration:
         if self.solver is not None:
             return (
                 f"bespoke solver fitted from {self.sampler} ({self.num_steps} steps, {opts}; "
-                f"held-out pilot RMS error {self.extra.get('solver_initial_error', math.nan):.3g}"
-                f" with the tuned grid -> {self.extra.get('solver_error', math.nan):.3g}; "
+                f"test pilot RMS error {self._extra('initial_error'):.3g} with the tuned grid "
+                f"-> {self._extra('error'):.3g}; "
                 f"{self.nfe} NFE on {self.num_pilot} pilots)"
             )
         return (
@@ -186,6 +187,11 @@ class Calibration:
             f"{self.initial_error:.3g} -> {self.pilot_error:.3g}; {self.nfe} NFE on "
             f"{self.num_pilot} pilots)"
         )
+
+    def _extra(self, key: str) -> float:
+        """The fit's test-pilot error `key` (the held-out one in files written before the
+        test pilots existed)."""
+        return self.extra.get(f"test_{key}", self.extra.get(f"solver_{key}", math.nan))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,6 +240,7 @@ def calibrate(
     fit_pilots: int = 4096,
     fit_iterations: int = 800,
     fit_batch: int | None = None,
+    test_pilots: int = 4096,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
@@ -250,10 +257,10 @@ def calibrate(
         method: "grid" (the time grid only) or "solver": the grid, then a bespoke multistep
             solver fitted on top of it (`scoresde.samplers.learned`: the evaluation times
             and all the solver's weights, by gradient descent through the sampler on
-            `fit_pilots` draws, a quarter of them held out; kept only if it beats the grid
-            on those by over two standard errors of the paired per-path improvement). The
-            same NFE per sample; "dpm" samplers only (deterministic, no denoise); the
-            score must be differentiable in x and t.
+            `fit_pilots` draws, a quarter of them held out to pick the best iterate; kept only
+            if it beats the grid on `test_pilots` further draws by over two standard errors
+            of the paired per-path improvement). The same NFE per sample; "dpm" samplers
+            only (deterministic, no denoise); the score must be differentiable in x and t.
         num_pilot, max_evals, generator, device, dtype, reference_rtol: as in
             `optimize_time_grid` (pilots from a private generator seeded 1234 by default;
             with method="solver" the grid is tuned on the first `num_pilot` of the
@@ -261,6 +268,10 @@ def calibrate(
         fit_pilots, fit_iterations: pilots and Adam steps of the solver fit.
         fit_batch: training pilots per Adam step (drawn afresh each step; None: all): a
             cheaper step, a noisier fit. Its evaluations count in `nfe` (on fewer pilots).
+        test_pilots: draws (after the fit's, same generator) that decide whether the fitted
+            solver is kept: their reference solves and both samplers' runs count in `nfe`.
+            Kept apart from the held-out pilots, which choose the iterate and so favour it.
+            A rejected fit is recorded in `extra["rejected_solver"]`.
     """
     from scoresde._validation import check_choice
     from scoresde.samplers.schedules import optimize_time_grid, pf_ode_reference
@@ -272,8 +283,8 @@ def calibrate(
     pilots = None
     if method == "solver":
         pilots = _solver_pilots(
-            name, sampler, data_shape, num_pilot, fit_pilots, fit_iterations, fit_batch, generator,
-            device, dtype,
+            name, sampler, data_shape, num_pilot, fit_pilots, fit_iterations, fit_batch,
+            test_pilots, generator, device, dtype,
         )  # fmt: skip
     count = {"nfe": 0}
 
@@ -293,8 +304,10 @@ def calibrate(
     start = time.perf_counter()
     x_ref = None
     with torch.no_grad():
-        if pilots is not None:  # one reference solve for the grid's pilots and the fit's
+        if pilots is not None:  # one reference solve: the grid's pilots, the fit's, the test's
             x_ref = pf_ode_reference(sde, counted, pilots, sampler.eps, rtol=reference_rtol)
+            test = (pilots[fit_pilots:], x_ref[fit_pilots:])
+            pilots, x_ref = pilots[:fit_pilots], x_ref[:fit_pilots]
         grid = optimize_time_grid(
             factory, counted, sde, steps, data_shape=tuple(data_shape),
             x_T=None if pilots is None else pilots[:num_pilot],
@@ -305,7 +318,7 @@ def calibrate(
     solver, extra = None, {}
     if pilots is not None:
         solver, extra = _fit_solver(
-            counted, factory(grid), pilots, x_ref, fit_iterations, fit_batch
+            counted, factory(grid), pilots, x_ref, test, fit_iterations, fit_batch
         )
     seconds = time.perf_counter() - start
     return Calibration(
@@ -333,12 +346,14 @@ def _solver_pilots(
     fit_pilots: int,
     fit_iterations: int,
     fit_batch: int | None,
+    test_pilots: int,
     generator: torch.Generator | None,
     device: Any,
     dtype: torch.dtype,
 ) -> Tensor:
-    """The `fit_pilots` pilot draws of `calibrate(method="solver")` (the grid is tuned on the
-    first `num_pilot`), after checking the sampler and the fit's settings."""
+    """The pilot draws of `calibrate(method="solver")` `[fit_pilots + test_pilots, *D]`: the
+    fit's (the grid is tuned on the first `num_pilot`), then the test's; after checking the
+    sampler and the fit's settings."""
     from scoresde._validation import check_positive_int
     from scoresde.samplers.schedules import PILOT_SEED, _pilots
 
@@ -349,13 +364,20 @@ def _solver_pilots(
         )
     check_positive_int("fit_pilots", fit_pilots)
     check_positive_int("fit_iterations", fit_iterations)
+    check_positive_int("test_pilots", test_pilots)
+    if test_pilots < 2:
+        raise ValueError(f"test_pilots={test_pilots} must be at least 2 (a paired test)")
     if fit_batch is not None:
         check_positive_int("fit_batch", fit_batch)
     if fit_pilots < 2 * num_pilot:
         raise ValueError(f"fit_pilots={fit_pilots} must be at least twice num_pilot={num_pilot}")
     if generator is None:
         generator = torch.Generator(device=device or "cpu").manual_seed(PILOT_SEED)
-    return _pilots(sampler.sde, None, tuple(data_shape), fit_pilots, generator, device, dtype)
+    draw = [
+        _pilots(sampler.sde, None, tuple(data_shape), n, generator, device, dtype)
+        for n in (fit_pilots, test_pilots)
+    ]
+    return torch.cat(draw)
 
 
 def _fit_solver(
@@ -363,12 +385,14 @@ def _fit_solver(
     sampler: Any,
     pilots: Tensor,
     x_ref: Tensor,
+    test: tuple[Tensor, Tensor],
     iterations: int,
     batch: int | None = None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """(the fitted solver's entries, or None if it does not beat `sampler` on the held-out
-    pilots; the fit's record for `Calibration.extra`). x_ref: the pilots' reference solves."""
-    from scoresde.samplers.learned import fit_multistep, unrolled
+    """(the fitted solver's entries, or None if it does not beat `sampler` on the test pilots;
+    the fit's record for `Calibration.extra`). x_ref: the pilots' reference solves; test:
+    (x_T, reference) of the test pilots."""
+    from scoresde.samplers.learned import LearnedMultistepSampler, _gain_z, fit_multistep, unrolled
 
     start = time.perf_counter()
     fitted, info = fit_multistep(
@@ -385,9 +409,20 @@ def _fit_solver(
         solver_error=info["error"],
     )
     extra["solver_gain_z"] = info["gain_z"]
-    if not (info["error"] < info["initial_error"] and info["gain_z"] > _MIN_GAIN_Z):
-        return None, extra
     solver = dict(times=fitted.times, ratios=fitted.ratios, weights=fitted.weights, eps=fitted.eps)
+    x_test, ref_test = test
+    with torch.no_grad():
+        sq = [
+            (s.sample(score, None, x_init=x_test) - ref_test).flatten(1).square().sum(1)
+            for s in (sampler, LearnedMultistepSampler(sampler.sde, **solver))
+        ]
+    errors = [math.sqrt(float(v.mean())) for v in sq]
+    moved = info["best_iteration"] >= 0
+    extra.update(test_pilots=int(x_test.shape[0]), test_initial_error=errors[0])
+    extra.update(test_error=errors[1], test_gain_z=_gain_z(sq[0], sq[1], moved=moved))
+    if not (moved and errors[1] < errors[0] and extra["test_gain_z"] > _MIN_GAIN_Z):
+        extra["rejected_solver"] = solver
+        return None, extra
     return solver, extra
 
 
