@@ -322,20 +322,11 @@ def calibrate(
         )
     seconds = time.perf_counter() - start
     return Calibration(
-        sampler=name,
-        num_steps=steps,
-        settings=settings,
-        time_grid=grid.tolist(),
-        base_grid=sampler.time_grid,
-        sde=_plain(sde.config()),
-        nfe=count["nfe"],
-        num_pilot=int(num_pilot),
-        pilot_error=info["error"],
-        initial_error=info["initial_error"],
-        seconds=seconds,
-        extra=extra,
-        solver=solver,
-    )
+        sampler=name, num_steps=steps, settings=settings, time_grid=grid.tolist(),
+        base_grid=sampler.time_grid, sde=_plain(sde.config()), nfe=count["nfe"],
+        num_pilot=int(num_pilot), pilot_error=info["error"],
+        initial_error=info["initial_error"], seconds=seconds, extra=extra, solver=solver,
+    )  # fmt: skip
 
 
 def _solver_pilots(
