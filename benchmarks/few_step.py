@@ -240,7 +240,9 @@ def bespoke_markdown(rows: list[dict], n: int) -> str:
         "diffusers' ode_err / this one, and its 95 % paired-bootstrap interval; then the median "
         "per-path error. Calibrations (the defaults): 2,048 pilots for the grid (150 "
         "Nelder-Mead runs); the bespoke solver adds a fit on 4,096 pilots (the last 1,024 held "
-        "out; 800 Adam steps), pilots of another seed than the paths measured. cost: score "
+        "out to pick the iterate; 800 Adam steps), kept only if it beats the grid on 4,096 "
+        "further test pilots by z > 2 (z: mean paired per-path gain over its standard "
+        "error), all of another seed than the paths measured. cost: score "
         "evaluations (each a batch of pilots) and seconds of the whole calibration; backward: "
         "passes back through one evaluation.",
         "",
@@ -264,7 +266,9 @@ def bespoke_markdown(rows: list[dict], n: int) -> str:
             median = r.get("best_peer_median")
             which = r["best_peer"] + (f"; median {median:.4f}" if median else "")
             peer = f"{r['best_peer_err']:.4f} ({which})"
-        fit = "" if r["solver_fitted"] else " (fit rejected: grid kept)"
+        z = r.get("solver_extra", {}).get("test_gain_z")
+        fit = "" if z is None else f" (test z {z:.1f})"
+        fit += "" if r["solver_fitted"] else " (fit rejected: grid kept)"
         back = r.get("solver_extra", {}).get("fit_backward_passes", "8000")
         out.append(
             f"| {r['sde']} | {r['target']}{tag} | {peer} | {cell(r, 'default')} "
