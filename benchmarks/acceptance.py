@@ -2,7 +2,7 @@
 fresh paths, on targets that no other benchmark uses (chosen before measuring, none tuned on).
 
 Usage: python benchmarks/acceptance.py [--n 10000] [--out benchmarks/results]
-Writes acceptance.{json,md} (about 25 minutes on one CPU thread).
+Writes acceptance.{json,md} (about 30 minutes on one CPU thread).
 
 `calibrate(DPMSolverSampler(sde, 10), method="solver", fit_batch=512)` (pilots seed 1) fits a
 candidate solver on the tuned grid. Old rule: keep it if it beats the grid on the fit's own
@@ -56,19 +56,26 @@ CASES = [
     ("ve aniso4d", "ve", dict(seed=404, k=5, d=4, condition=50.0), 4096),
     ("mix6d, 384 pilots", "vp", dict(seed=601, k=8, d=6, condition=None), 384),
     ("aniso12d, 384 pilots", "vp", dict(seed=1202, k=6, d=12, condition=100.0), 384),
+    ("ve mix5d", "ve", dict(seed=505, k=6, d=5, condition=None), 4096),
+    ("aniso24d", "vp", dict(seed=2424, k=5, d=24, condition=200.0), 4096),
+    ("subvp aniso6d", "subvp", dict(seed=606, k=4, d=6, condition=30.0), 4096),
+    ("ve aniso4d, 384 pilots", "ve", dict(seed=404, k=5, d=4, condition=50.0), 384),
 ]
 
 
-def train_moons_mlp() -> tuple[torch.nn.Module, object]:
-    """A 2-D MLP score network trained on scikit-learn's two moons (VP, 1,500 steps; frozen
-    float64 EMA copy): a trained network no other benchmark uses."""
-    from sklearn.datasets import make_moons
+def train_mlp(dataset: str) -> tuple[torch.nn.Module, object]:
+    """A 2-D MLP score network trained on scikit-learn's two moons or two circles (VP, 1,500
+    steps; frozen float64 EMA copy): trained networks no other benchmark uses."""
+    from sklearn.datasets import make_circles, make_moons
 
     from scoresde.losses import DSMLoss
     from scoresde.recipes import build_model
     from scoresde.training import Trainer
 
-    x, _ = make_moons(20_000, noise=0.06, random_state=5)
+    if dataset == "moons":
+        x, _ = make_moons(20_000, noise=0.06, random_state=5)
+    else:
+        x, _ = make_circles(20_000, noise=0.04, factor=0.5, random_state=5)
     data = torch.as_tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
     sde = T.make_sde("vp")
     model = build_model(sde, "mlp", (2,), net_kwargs={"hidden": 128, "num_blocks": 3}, seed=5)
@@ -184,10 +191,11 @@ def main() -> None:
         z, ref = paths[key]
         rows.append(judge(label, CountingScore(sde, gm), sde, gm.dim, z, ref, fit_pilots))
         write()
-    net, sde = train_moons_mlp()
-    z, ref = network_paths(net, sde, args.n)
-    rows.append(judge("moons MLP (trained)", net, sde, 2, z, ref, 4096))
-    write()
+    for dataset in ("moons", "circles"):
+        net, sde = train_mlp(dataset)
+        z, ref = network_paths(net, sde, args.n)
+        rows.append(judge(f"{dataset} MLP (trained)", net, sde, 2, z, ref, 4096))
+        write()
 
 
 if __name__ == "__main__":

@@ -233,7 +233,7 @@ def fit_multistep(
 def _gain_z(initial_sq: Tensor, best_sq: Tensor, moved: bool) -> float:
     """Mean paired per-path reduction of the squared error over its standard error. Per-path
     errors are heavy tailed (paths near a boundary between modes dominate the RMS), so a
-    lower held-out RMS can be luck: the fit counts as a gain only if this is over 2."""
+    lower RMS can be luck: `calibrate` keeps a fit only if this is over 2 on test pilots."""
     gain = (initial_sq - best_sq).nan_to_num(0.0)
     se = float(gain.std()) / math.sqrt(gain.numel()) if gain.numel() > 1 else math.inf
     return float(gain.mean()) / se if se > 0 else (math.inf if moved else 0.0)
