@@ -79,6 +79,7 @@ def repl(m):
         "bespoke_few_step",
         "switching",
         "fit_batch",
+        "acceptance",
     ):
         lines = (R / f"{key}.md").read_text().splitlines()[1:]  # the page has its title
         body = "\n".join(ln for ln in lines if not ln.startswith("Command:"))
