@@ -307,8 +307,14 @@ def bespoke_markdown(rows: list[dict], n: int) -> str:
             median = r.get("best_peer_median")
             which = r["best_peer"] + (f"; median {median:.4f}" if median else "")
             peer = f"{r['best_peer_err']:.4f} ({which})"
-        z = r.get("solver_extra", {}).get("test_gain_z")
-        fit = "" if z is None else f" (test z {z:.1f})"
+        ex = r.get("solver_extra", {})
+        z, moved = (
+            ex.get("test_gain_z"),
+            ex.get("solver_error", 0) < ex.get("solver_initial_error", 0),
+        )
+        fit = (
+            "" if z is None else (f" (test z {z:.1f})" if moved else " (no iterate beat the grid)")
+        )
         fit += "" if r["solver_fitted"] else " (fit rejected: grid kept)"
         if "candidate" in r:
             ci = r["candidate_vs_grid_ci"]

@@ -410,7 +410,9 @@ def _fit_solver(
     errors = [math.sqrt(float(v.mean())) for v in sq]
     moved = info["best_iteration"] >= 0
     extra.update(test_pilots=int(x_test.shape[0]), test_initial_error=errors[0])
-    extra.update(test_error=errors[1], test_gain_z=_gain_z(sq[0], sq[1], moved=moved))
+    # Not moved: the candidate is the grid's solver (equal up to rounding), no gain at all.
+    z = _gain_z(sq[0], sq[1], moved=True) if moved else 0.0
+    extra.update(test_error=errors[1], test_gain_z=z)
     if not (moved and errors[1] < errors[0] and extra["test_gain_z"] > _MIN_GAIN_Z):
         extra["rejected_solver"] = solver
         return None, extra
