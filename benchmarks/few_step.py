@@ -223,9 +223,10 @@ def bespoke_candidates(n: int, out: Path) -> None:
 
     rows = json.loads((out / "bespoke_few_step.json").read_text())
     for r in rows:
-        rejected = r.get("solver_extra", {}).get("rejected_solver")
-        if rejected is None or "candidate" in r:
-            continue
+        ex = r.get("solver_extra", {})
+        rejected = ex.get("rejected_solver")
+        if rejected is None or "candidate" in r or ex["solver_error"] >= ex["solver_initial_error"]:
+            continue  # kept, done, or never left the grid's solver
         if r["target"].startswith("mlp2d"):
             score, sde, z, ref = trained_problem(n)
             dim = 2
