@@ -275,7 +275,11 @@ def calibrated_errors(
 
 def bespoke_markdown(rows: list[dict], n: int) -> str:
     out = ["# Calibrated few-step sampling at 10 NFE (benchmarks/few_step.py --part bespoke)", ""]
-    out += [f"Command: `python benchmarks/few_step.py --part bespoke --n {n}`", ""]
+    out += [
+        f"Command: `python benchmarks/few_step.py --part bespoke --n {n}`, then "
+        f"`--part bespoke_candidates --n {n}`",
+        "",
+    ]
     out += [
         f"ode_err (RMS distance to a tight solve of the same probability-flow ODE from the same "
         f"x_T, {n} paths; exact scores except the trained network's row). In brackets: best "
