@@ -172,9 +172,7 @@ def test_the_fit_is_kept_only_for_a_gain_on_fresh_test_pilots(monkeypatch) -> No
     assert drawn.shape == (576, 2)
     ref = pf_ode_reference(sde, score, x_test, sampler.eps)  # alone: equal to rtol ~1e-7
     candidate = cal.solver or cal.extra["rejected_solver"]
-    grid = cal.make_sampler(sde) if cal.solver is None else DPMSolverSampler(
-        sde, 4, time_grid=cal.grid()
-    )  # fmt: skip
+    grid = DPMSolverSampler(sde, 4, time_grid=cal.grid())
     sq = [
         (s.sample(score, None, x_init=x_test) - ref).flatten(1).square().sum(1)
         for s in (grid, LearnedMultistepSampler(sde, **candidate))
