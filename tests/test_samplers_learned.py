@@ -279,3 +279,23 @@ def test_times_stay_strictly_decreasing_when_pushed_to_the_end() -> None:
     sampler = fit.result()  # raised "times must decrease strictly" before the projection fix
     assert all(a > b for a, b in zip(sampler.times, sampler.times[1:], strict=False))
     assert sampler.times[-1] > sampler.eps
+
+
+def test_a_fit_that_never_left_the_grid_is_rejected_with_no_gain(monkeypatch) -> None:
+    """If no iterate beat the start, the candidate is the grid's own solver: its test z is 0
+    (not the rounding noise between two equal samplers) and it is not kept."""
+    import scoresde.samplers.learned as learned
+
+    def unmoved(score_fn, sde, start, x_T, x_ref, **kw):
+        info = dict(initial_error=0.1, error=0.1, gain_z=0.0, train_error=0.1)
+        info.update(iterations=kw["iterations"], gradients=0, best_iteration=-1)
+        return LearnedMultistepSampler(sde, *start), info
+
+    monkeypatch.setattr(learned, "fit_multistep", unmoved)
+    sde = VPSDE()
+    score = _score(_mixture(2, 3, seed=61), sde)
+    cal = calibrate(score, DPMSolverSampler(sde, 4), data_shape=(2,), method="solver",
+                    num_pilot=32, max_evals=8, fit_pilots=128, fit_iterations=5,
+                    test_pilots=64)  # fmt: skip
+    assert cal.solver is None and cal.extra["test_gain_z"] == 0.0
+    assert cal.extra["test_error"] == pytest.approx(cal.extra["test_initial_error"], rel=1e-9)
