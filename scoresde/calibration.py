@@ -384,6 +384,7 @@ def _fit_solver(
     the fit's record for `Calibration.extra`). x_ref: the pilots' reference solves; test:
     (x_T, reference) of the test pilots."""
     from scoresde.samplers.learned import LearnedMultistepSampler, _gain_z, fit_multistep, unrolled
+    from scoresde.samplers.schedules import pathwise_sq_errors
 
     start = time.perf_counter()
     fitted, info = fit_multistep(
@@ -404,7 +405,7 @@ def _fit_solver(
     x_test, ref_test = test
     with torch.no_grad():
         sq = [
-            (s.sample(score, None, x_init=x_test) - ref_test).flatten(1).square().sum(1)
+            pathwise_sq_errors(s, score, x_test, ref_test)
             for s in (sampler, LearnedMultistepSampler(sampler.sde, **solver))
         ]
     errors = [math.sqrt(float(v.mean())) for v in sq]

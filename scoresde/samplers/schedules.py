@@ -101,9 +101,13 @@ def pathwise_error(sampler: Sampler, score_fn: ScoreFn, x_T: Tensor, x_ref: Tens
     x_T and x_ref are `[B, *D]`; the sampler starts from `x_init=x_T` and must be
     deterministic (an ODE sampler) for the number to mean anything.
     """
+    return float(pathwise_sq_errors(sampler, score_fn, x_T, x_ref).mean().sqrt())
+
+
+def pathwise_sq_errors(sampler: Sampler, score_fn: ScoreFn, x_T: Tensor, x_ref: Tensor) -> Tensor:
+    """Per-path squared distances ||sampler(x_T) - x_ref||^2 `[B]` (as `pathwise_error`)."""
     x = sampler.sample(score_fn, tuple(x_T.shape), x_init=x_T)
-    diff = (x - x_ref).reshape(x.shape[0], -1)
-    return float(diff.pow(2).sum(dim=1).mean().sqrt())
+    return (x - x_ref).reshape(x.shape[0], -1).pow(2).sum(dim=1)
 
 
 class _GridMap:
