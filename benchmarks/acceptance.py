@@ -88,16 +88,6 @@ def train_mlp(dataset: str) -> tuple[torch.nn.Module, object]:
     return net, sde
 
 
-def network_paths(net, sde, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n prior draws (seed 0) and tight solves of the network's own ODE from T to 1e-3."""
-    from scoresde.flow import ProbabilityFlow, solve
-
-    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    with torch.no_grad():
-        flow = ProbabilityFlow(sde, net, t_range=(1e-3, sde.T))
-        return z, solve(flow, z, sde.T, 1e-3, "dopri5", rtol=1e-9, atol=1e-9)
-
-
 def judge(label: str, score, sde, dim: int, z, ref, fit_pilots: int) -> dict:
     """Calibrate, then measure the grid and the candidate on the paths z -> ref."""
     sampler = DPMSolverSampler(sde, 10)
@@ -193,7 +183,7 @@ def main() -> None:
         write()
     for dataset in ("moons", "circles"):
         net, sde = train_mlp(dataset)
-        z, ref = network_paths(net, sde, args.n)
+        z, ref = few_step.network_paths(net, sde, args.n)
         rows.append(judge(f"{dataset} MLP (trained)", net, sde, 2, z, ref, 4096))
         write()
 
