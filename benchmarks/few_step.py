@@ -10,9 +10,8 @@ SA-Solver; 10,000 samples in 2-D) and writes stochastic_few_step.json / .md inst
 few_step.json with the other parts).
 `--part bespoke` runs only the calibrations at 10 NFE - the tuned grid and the bespoke solver
 fitted on it (`calibrate(..., method="solver")`) - against diffusers' best and writes
-bespoke_few_step.json / .md (about 1.5 hours with --n 10000, the committed run);
-`--part bespoke_candidates` (after it, same --n) adds what each rejected fit would have
-given on the same paths.
+bespoke_few_step.json / .md (about 1.5 hours with --n 10000, the committed run), with what
+each rejected fit would have given on the same paths.
 
 Held-out targets (defined here, never used to tune a setting; they decide whether an option
 that wins on the held-in ones becomes a default): "aniso32d", 6 components in 32-D with
@@ -37,6 +36,7 @@ from scoresde.bench import targets as T
 from scoresde.bench.peers import CountingScore, Problem
 from scoresde.bench.runner import _all_methods, run_accuracy
 from scoresde.calibration import calibrate
+from scoresde.samplers import LearnedMultistepSampler
 from scoresde.toy import GaussianMixture
 
 PEERS = ["diffusers UniPC", "diffusers DPM++ 2M", "diffusers DPM++ 3M"]
@@ -220,39 +220,6 @@ def network_paths(net, sde, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return z, solve(flow, z, sde.T, 1e-3, "dopri5", rtol=1e-9, atol=1e-9)
 
 
-def bespoke_candidates(n: int, out: Path) -> None:
-    """Add to bespoke_few_step.json's rows whose fit was rejected what the rejected candidate
-    (`extra["rejected_solver"]`) gives on the same paths - "candidate", its median and the
-    paired-bootstrap interval of grid / candidate - to check the rejection (the tuned grid is
-    calibrated again, and must give the row's error)."""
-    from scoresde.samplers import LearnedMultistepSampler
-
-    rows = json.loads((out / "bespoke_few_step.json").read_text())
-    for r in rows:
-        ex = r.get("solver_extra", {})
-        rejected = ex.get("rejected_solver")
-        if rejected is None or "candidate" in r or ex["solver_error"] >= ex["solver_initial_error"]:
-            continue  # kept, done, or never left the grid's solver
-        if r["target"].startswith("mlp2d"):
-            score, sde, z, ref = trained_problem(n)
-            dim = 2
-        else:
-            gm, sde = T.TARGETS[r["target"]].mixture(), T.make_sde(r["sde"])
-            score, dim, (z, ref) = CountingScore(sde, gm), gm.dim, prior_paths(sde, gm, n)
-        grid = calibrate(score, DPMSolverSampler(sde, 10), data_shape=(dim,), num_pilot=2048,
-                         max_evals=150, generator=torch.Generator().manual_seed(1))  # fmt: skip
-        with torch.no_grad():
-            err = [
-                path_errors(s.sample(score, (0,), x_init=z), ref)
-                for s in (grid.make_sampler(sde), LearnedMultistepSampler(sde, **rejected))
-            ]
-        assert math.isclose(float(err[0].square().mean().sqrt()), r["grid"], rel_tol=1e-6)
-        r["candidate"] = float(err[1].square().mean().sqrt())
-        r["candidate_median"] = float(err[1].median())
-        r["candidate_vs_grid_ci"] = ratio_interval(err[0], err[1])
-        write_bespoke(rows, n, out)
-
-
 def calibrated_errors(
     row: dict, score, sde, dim: int, z: torch.Tensor, ref: torch.Tensor, best=None
 ) -> dict:
@@ -269,12 +236,19 @@ def calibrated_errors(
         row[f"{method}_nfe"], row[f"{method}_s"] = cal.nfe, cal.seconds
         row[f"{method}_extra"] = cal.extra
         row[f"{method}_fitted"] = cal.solver is not None
+    ex = row["solver_extra"]
+    if "rejected_solver" in ex and ex["solver_error"] < ex["solver_initial_error"]:
+        # A rejected fit that left the grid: what it would have given, to check the rejection.
+        samplers["candidate"] = LearnedMultistepSampler(sde, **ex["rejected_solver"])
+    errors = {}
     for key, sampler in samplers.items():
         with torch.no_grad():  # a network's graph is not needed here
-            err = path_errors(sampler.sample(score, (0,), x_init=z), ref)
+            errors[key] = err = path_errors(sampler.sample(score, (0,), x_init=z), ref)
         row[key], row[f"{key}_median"] = float(err.square().mean().sqrt()), float(err.median())
-        if best is not None:
+        if best is not None and key != "candidate":
             row[f"{key}_ratio_ci"] = ratio_interval(best, err)
+    if "candidate" in errors:
+        row["candidate_vs_grid_ci"] = ratio_interval(errors["grid"], errors["candidate"])
     print({k: v for k, v in row.items() if k not in ("peers", "solver_extra")}, flush=True)
     return row
 
@@ -282,8 +256,7 @@ def calibrated_errors(
 def bespoke_markdown(rows: list[dict], n: int) -> str:
     out = ["# Calibrated few-step sampling at 10 NFE (benchmarks/few_step.py --part bespoke)", ""]
     out += [
-        f"Command: `python benchmarks/few_step.py --part bespoke --n {n}`, then "
-        f"`--part bespoke_candidates --n {n}`",
+        f"Command: `python benchmarks/few_step.py --part bespoke --n {n}`",
         "",
     ]
     out += [
@@ -292,7 +265,7 @@ def bespoke_markdown(rows: list[dict], n: int) -> str:
         "diffusers' ode_err / this one, and its 95 % paired-bootstrap interval; then the median "
         "per-path error. Calibrations (the defaults): 2,048 pilots for the grid (150 "
         "Nelder-Mead runs); the bespoke solver adds a fit on 4,096 pilots (the last 1,024 held "
-        "out to pick the iterate; 800 Adam steps), kept only if it beats the grid on 4,096 "
+        "out to pick the iterate; 800 Adam steps), kept only if it beats the grid on 16,384 "
         "further test pilots by z > 2 (z: mean paired per-path gain over its standard "
         "error), all of another seed than the paths measured. cost: score "
         "evaluations (each a batch of pilots) and seconds of the whole calibration; backward: "
@@ -622,7 +595,6 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1500)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parts = ("all", "stochastic", "stochastic_table", "bespoke", "bespoke_trained")
-    parts += ("bespoke_candidates",)
     parser.add_argument("--part", choices=parts, default="all")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -634,9 +606,6 @@ def main() -> None:
         return
     if args.part == "bespoke":
         bespoke(args.n, args.out)
-        return
-    if args.part == "bespoke_candidates":  # after --part bespoke, same --n and --out
-        bespoke_candidates(args.n, args.out)
         return
     if args.part == "stochastic_table":
         # Re-measure only few_step.md's last table (the stochastic samplers at 10-20 NFE,

@@ -74,7 +74,7 @@ def markdown(rows: list[dict], n: int) -> str:
         "fit_batch: training pilots per Adam step (-: all 3,072); fit s: seconds of the fit "
         "(800 Adam steps; the reference solves not included); held-out / test: RMS error of "
         "the tuned grid -> the fitted solver on the fit's 1,024 held-out pilots (which chose "
-        "its iterate) and on 4,096 fresh test pilots, and z, the paired gain over its "
+        "its iterate) and on 16,384 fresh test pilots, and z, the paired gain over its "
         "standard error; kept: test z > 2 (`calibrate`'s rule); ode_err and median of the "
         f"fitted solver (kept or not) on {n} paths.",
         "",

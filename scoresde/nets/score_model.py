@@ -170,7 +170,7 @@ class ScoreModel(nn.Module):
                 see `scoresde.calibration.calibrate`), `num_pilot` (2048), `max_evals`,
                 `fit_pilots`, `fit_iterations`, `fit_batch` (pilots per Adam step of the
                 fit; default all), `test_pilots` (fresh draws that decide whether the fit
-                is kept; 4096), `generator`, `device` and `dtype` (default: the
+                is kept; 16384), `generator`, `device` and `dtype` (default: the
                 weights').
         """
         from scoresde.calibration import calibrate
