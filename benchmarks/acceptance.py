@@ -2,13 +2,14 @@
 fresh paths, on targets that no other benchmark uses (chosen before measuring, none tuned on).
 
 Usage: python benchmarks/acceptance.py [--n 10000] [--out benchmarks/results]
-Writes acceptance.{json,md} (about 30 minutes on one CPU thread).
+Writes acceptance.{json,md} (about 40 minutes on one CPU thread).
 
 `calibrate(DPMSolverSampler(sde, 10), method="solver", fit_batch=512)` (pilots seed 1) fits a
 candidate solver on the tuned grid. Old rule: keep it if it beats the grid on the fit's own
 held-out pilots (which also chose its iterate) by z > 2 standard errors of the paired per-path
-gain. New rule (`calibrate` now): the same test on 4,096 fresh test pilots. Truth: RMS error of
-the grid and of the candidate (kept or not, `extra["rejected_solver"]`) on n other paths
+gain. Test rule (`calibrate`): the same test on 16,384 fresh test pilots (`test_pilots`), and,
+to see the test's power, on the first 4,096 of them (the last round's default). Truth: RMS
+error of the grid and of the candidate (kept or not, `extra["rejected_solver"]`) on n other paths
 (seed 0) against tight solves, with a 95 % paired-bootstrap interval of grid / candidate.
 """
 
@@ -30,6 +31,9 @@ from scoresde.bench.peers import CountingScore  # noqa: E402
 from scoresde.calibration import calibrate  # noqa: E402
 from scoresde.samplers import LearnedMultistepSampler  # noqa: E402
 from scoresde.toy import GaussianMixture  # noqa: E402
+
+# calibrate's test on the first n of its test pilots (the last is all of them, its default).
+TEST_SIZES = (4096, 16384)
 
 
 def random_mixture(seed: int, k: int, d: int, condition: float | None) -> GaussianMixture:
@@ -88,6 +92,31 @@ def train_mlp(dataset: str) -> tuple[torch.nn.Module, object]:
     return net, sde
 
 
+def test_z(score, sde, dim: int, cal, fit_pilots: int, sizes: tuple[int, ...]) -> list[float]:
+    """The test's z on the first n of calibrate's test pilots, for n in `sizes`: the pilots
+    drawn again as calibrate draws them, their references solved as calibrate solves them
+    (so the last size's z is calibrate's own)."""
+    import scoresde.calibration as calibration
+    from scoresde.samplers.learned import _gain_z
+    from scoresde.samplers.schedules import pathwise_sq_errors, pf_ode_reference
+
+    sampler = DPMSolverSampler(sde, 10)
+    num_test = cal.extra["test_pilots"]
+    drawn = calibration._solver_pilots(
+        "dpm", sampler, (dim,), min(2048, fit_pilots // 2), fit_pilots, 800, 512, num_test,
+        torch.Generator().manual_seed(1), None, torch.float64,
+    )  # fmt: skip
+    x_test = drawn[fit_pilots:]
+    candidate = LearnedMultistepSampler(sde, **(cal.solver or cal.extra["rejected_solver"]))
+    grid = DPMSolverSampler(sde, 10, time_grid=cal.grid())
+    with torch.no_grad():
+        ref = pf_ode_reference(sde, score, x_test, sampler.eps)
+        sq = [pathwise_sq_errors(s, score, x_test, ref) for s in (grid, candidate)]
+    if cal.extra["solver_error"] >= cal.extra["solver_initial_error"]:
+        return [0.0 for _ in sizes]  # never left the grid: calibrate's z 0
+    return [_gain_z(sq[0][:n], sq[1][:n], moved=True) for n in sizes]
+
+
 def judge(label: str, score, sde, dim: int, z, ref, fit_pilots: int) -> dict:
     """Calibrate, then measure the grid and the candidate on the paths z -> ref."""
     sampler = DPMSolverSampler(sde, 10)
@@ -105,11 +134,16 @@ def judge(label: str, score, sde, dim: int, z, ref, fit_pilots: int) -> dict:
         }
     rms = {k: float(e.square().mean().sqrt()) for k, e in err.items()}
     old = ex["solver_error"] < ex["solver_initial_error"] and ex["solver_gain_z"] > 2.0
+    zs = test_z(score, sde, dim, cal, fit_pilots, TEST_SIZES)
+    assert abs(zs[-1] - ex["test_gain_z"]) <= 1e-6 * max(1.0, abs(zs[-1])), (zs, ex)
+    better = ex["test_error"] < ex["test_initial_error"]
     row = dict(target=label, sde=sde.config()["name"], fit_pilots=fit_pilots, old_keep=old,
                new_keep=cal.solver is not None, fit_seconds=ex["fit_seconds"],
                calibration_seconds=cal.seconds, nfe=cal.nfe,
                held_out=[ex["solver_initial_error"], ex["solver_error"], ex["solver_gain_z"]],
                test=[ex["test_initial_error"], ex["test_error"], ex["test_gain_z"]],
+               test_sizes=list(TEST_SIZES), test_z=zs,
+               test_keep=[better and v > 2.0 for v in zs],
                grid_err=rms["grid"], candidate_err=rms["candidate"],
                grid_median=float(err["grid"].median()),
                candidate_median=float(err["candidate"].median()),
@@ -129,33 +163,47 @@ def verdict(r: dict, keep: bool) -> str:
 
 
 def markdown(rows: list[dict], n: int) -> str:
-    out = ["# Keeping a bespoke fit: held-out rule against test-pilot rule "
+    sizes = " / ".join(f"{k:,}" for k in TEST_SIZES)
+    out = ["# Keeping a bespoke fit: the held-out rule against the test-pilot rule "
            "(benchmarks/acceptance.py)", "",
            f"Command: `python benchmarks/acceptance.py --n {n}`", "",
            "DPMSolverSampler(sde, 10), `calibrate(method=\"solver\", fit_batch=512)`. held-out / "
            "test: RMS error of the tuned grid -> the candidate fit, and z (paired gain over its "
-           "standard error), on the fit's held-out quarter (old rule) and on 4,096 fresh test "
-           f"pilots (new rule); keep if z > 2. Fresh paths: {n} other draws, grid -> candidate "
+           "standard error), on the fit's held-out quarter (old rule) and on "
+           f"{TEST_SIZES[-1]:,} fresh test pilots (`calibrate`'s rule: keep if z > 2); test z: "
+           f"the same test on the first {sizes} of them (what a smaller `test_pilots` "
+           f"decides). Fresh paths: {n} other draws, grid -> candidate "
            "RMS (median), and the 95 % paired-bootstrap interval of grid / candidate. "
            "Verdict: right if a kept fit is better there (interval above 1) or a rejected one "
            "is not; wrong (worse) if a kept one is worse (interval below 1).", "",
-           "| target | SDE | fit pilots | held-out (old rule) | test pilots (new rule) "
-           "| fresh paths: grid -> candidate | grid / candidate | old rule | new rule |",
-           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           f"| target | SDE | fit pilots | held-out (old rule) | test pilots "
+           f"| test z ({sizes}) | fresh paths: grid -> candidate | grid / candidate "
+           "| old rule | " + " | ".join(f"test rule, {k:,}" for k in TEST_SIZES) + " |",
+           "|---|---|---|---|---|---|---|---|---|" + "---|" * len(TEST_SIZES)]  # fmt: skip
 
     def keep(flag: bool) -> str:
         return "keep" if flag else "reject"
 
     for r in rows:
         h, t, ci = r["held_out"], r["test"], r["ratio_ci"]
+        rules = " | ".join(f"{keep(k)}: {verdict(r, k)}" for k in r["test_keep"])
         out.append(
             f"| {r['target']} | {r['sde']} | {r['fit_pilots']} "
-            f"| {h[0]:.4f} -> {h[1]:.4f}, z {h[2]:.2f} | {t[0]:.4f} -> {t[1]:.4f}, z {t[2]:.2f} "
+            f"| {h[0]:.4f} -> {h[1]:.4f}, z {h[2]:.2f} | {t[0]:.4f} -> {t[1]:.4f} "
+            f"| {' / '.join(f'{v:.2f}' for v in r['test_z'])} "
             f"| {r['grid_err']:.4f} -> {r['candidate_err']:.4f} ({r['grid_median']:.4f} -> "
             f"{r['candidate_median']:.4f}) | {r['grid_err'] / r['candidate_err']:.2f}x "
             f"({ci[0]:.2f}-{ci[1]:.2f}) | {keep(r['old_keep'])}: {verdict(r, r['old_keep'])} "
-            f"| {keep(r['new_keep'])}: {verdict(r, r['new_keep'])} |"
+            f"| {rules} |"
         )
+    out += ["", "Decisions against the fresh paths (right / wrong keeps / missed gains / unclear):"]
+    rules = [("old rule (held-out)", [r["old_keep"] for r in rows])]
+    rules += [(f"test rule, {k:,} pilots", [r["test_keep"][i] for r in rows])
+              for i, k in enumerate(TEST_SIZES)]  # fmt: skip
+    for name, keeps in rules:
+        v = [verdict(r, k) for r, k in zip(rows, keeps, strict=True)]
+        count = [sum(x == w for x in v) for w in ("right", "wrong (worse)", "missed gain")]
+        out.append(f"- {name}: {count[0]} / {count[1]} / {count[2]} / {len(v) - sum(count)}")
     return "\n".join(out) + "\n"
 
 
