@@ -28,7 +28,6 @@ import few_step  # noqa: E402
 from scoresde import DPMSolverSampler  # noqa: E402
 from scoresde.bench import targets as T  # noqa: E402
 from scoresde.bench.peers import CountingScore  # noqa: E402
-from scoresde.calibration import calibrate  # noqa: E402
 from scoresde.samplers import LearnedMultistepSampler  # noqa: E402
 from scoresde.toy import GaussianMixture  # noqa: E402
 
@@ -119,19 +118,11 @@ def test_z(score, sde, dim: int, cal, fit_pilots: int, sizes: tuple[int, ...]) -
 
 def judge(label: str, score, sde, dim: int, z, ref, fit_pilots: int) -> dict:
     """Calibrate, then measure the grid and the candidate on the paths z -> ref."""
-    sampler = DPMSolverSampler(sde, 10)
-    cal = calibrate(score, sampler, data_shape=(dim,), method="solver",
-                    num_pilot=min(2048, fit_pilots // 2),
-                    max_evals=150, fit_pilots=fit_pilots, fit_batch=512,
-                    generator=torch.Generator().manual_seed(1))  # fmt: skip
+    cal, err, record = few_step.judged_fit(
+        score, sde, dim, z, ref, num_pilot=min(2048, fit_pilots // 2), fit_pilots=fit_pilots,
+        fit_batch=512,
+    )  # fmt: skip
     ex = cal.extra
-    candidate = LearnedMultistepSampler(sde, **(cal.solver or ex["rejected_solver"]))
-    grid = DPMSolverSampler(sde, 10, time_grid=cal.grid())
-    with torch.no_grad():
-        err = {
-            k: few_step.path_errors(s.sample(score, (0,), x_init=z), ref)
-            for k, s in (("grid", grid), ("candidate", candidate))
-        }
     rms = {k: float(e.square().mean().sqrt()) for k, e in err.items()}
     old = ex["solver_error"] < ex["solver_initial_error"] and ex["solver_gain_z"] > 2.0
     zs = test_z(score, sde, dim, cal, fit_pilots, TEST_SIZES)
@@ -139,9 +130,7 @@ def judge(label: str, score, sde, dim: int, z, ref, fit_pilots: int) -> dict:
     better = ex["test_error"] < ex["test_initial_error"]
     row = dict(target=label, sde=sde.config()["name"], fit_pilots=fit_pilots, old_keep=old,
                new_keep=cal.solver is not None, fit_seconds=ex["fit_seconds"],
-               calibration_seconds=cal.seconds, nfe=cal.nfe,
-               held_out=[ex["solver_initial_error"], ex["solver_error"], ex["solver_gain_z"]],
-               test=[ex["test_initial_error"], ex["test_error"], ex["test_gain_z"]],
+               calibration_seconds=cal.seconds, nfe=cal.nfe, **record,
                test_sizes=list(TEST_SIZES), test_z=zs,
                test_keep=[better and v > 2.0 for v in zs],
                grid_err=rms["grid"], candidate_err=rms["candidate"],

@@ -220,6 +220,24 @@ def network_paths(net, sde, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return z, solve(flow, z, sde.T, 1e-3, "dopri5", rtol=1e-9, atol=1e-9)
 
 
+def judged_fit(score, sde, dim: int, z: torch.Tensor, ref: torch.Tensor, **calibrate_kw) -> tuple:
+    """`calibrate(DPMSolverSampler(sde, 10), method="solver", **calibrate_kw)` (grid on 2,048
+    pilots, 150 Nelder-Mead runs, pilots of seed 1), then per-path errors from x_T = z against
+    `ref` of its tuned grid and of its candidate solver, kept or rejected. Returns (the
+    calibration, {"grid": [n], "candidate": [n]}, its record: held-out and test errors and z)."""
+    kw = dict(num_pilot=2048, max_evals=150, generator=torch.Generator().manual_seed(1))
+    cal = calibrate(score, DPMSolverSampler(sde, 10), data_shape=(dim,), method="solver",
+                    **(kw | calibrate_kw))  # fmt: skip
+    ex = cal.extra
+    candidate = LearnedMultistepSampler(sde, **(cal.solver or ex["rejected_solver"]))
+    samplers = dict(grid=DPMSolverSampler(sde, 10, time_grid=cal.grid()), candidate=candidate)
+    with torch.no_grad():
+        err = {k: path_errors(s.sample(score, (0,), x_init=z), ref) for k, s in samplers.items()}
+    record = dict(held_out=[ex["solver_initial_error"], ex["solver_error"], ex["solver_gain_z"]],
+                  test=[ex["test_initial_error"], ex["test_error"], ex["test_gain_z"]])  # fmt: skip
+    return cal, err, record
+
+
 def calibrated_errors(
     row: dict, score, sde, dim: int, z: torch.Tensor, ref: torch.Tensor, best=None
 ) -> dict:

@@ -21,28 +21,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import few_step  # noqa: E402
 
-from scoresde import DPMSolverSampler  # noqa: E402
 from scoresde.bench import targets as T  # noqa: E402
 from scoresde.bench.peers import CountingScore  # noqa: E402
-from scoresde.calibration import calibrate  # noqa: E402
-from scoresde.samplers import LearnedMultistepSampler  # noqa: E402
 
 BATCH = 512
 
 
 def fit_row(label: str, score, sde, z, ref, dim: int, batch: int | None) -> dict:
-    cal = calibrate(score, DPMSolverSampler(sde, 10), data_shape=(dim,), method="solver",
-                    num_pilot=2048, max_evals=150, fit_batch=batch,
-                    generator=torch.Generator().manual_seed(1))  # fmt: skip
-    fitted = LearnedMultistepSampler(sde, **(cal.solver or cal.extra["rejected_solver"]))
-    with torch.no_grad():
-        err = few_step.path_errors(fitted.sample(score, (0,), x_init=z), ref)
-    ex = cal.extra
-    row = dict(target=label, fit_batch=batch, fit_seconds=ex["fit_seconds"],
-               held_out=[ex["solver_initial_error"], ex["solver_error"], ex["solver_gain_z"]],
-               test=[ex["test_initial_error"], ex["test_error"], ex["test_gain_z"]],
+    cal, err, record = few_step.judged_fit(score, sde, dim, z, ref, fit_batch=batch)
+    e = err["candidate"]
+    row = dict(target=label, fit_batch=batch, fit_seconds=cal.extra["fit_seconds"], **record,
                accepted=cal.solver is not None,
-               ode_err=float(err.square().mean().sqrt()), median=float(err.median()))  # fmt: skip
+               ode_err=float(e.square().mean().sqrt()), median=float(e.median()))  # fmt: skip
     print(row, flush=True)
     return row
 
