@@ -274,7 +274,7 @@ def calibrate(
             A rejected fit is recorded in `extra["rejected_solver"]`.
     """
     from scoresde._validation import check_choice
-    from scoresde.samplers.schedules import optimize_time_grid, pf_ode_reference
+    from scoresde.samplers.schedules import optimize_time_grid
 
     name, steps, settings = sampler_settings(sampler)
     if not isinstance(sampler.time_grid, str):
@@ -305,13 +305,7 @@ def calibrate(
     x_ref = None
     with torch.no_grad():
         if pilots is not None:
-            # One reference solve for the grid's pilots and the fit's, another for the test's:
-            # the adaptive solve's steps depend on its whole batch, and the fit is chaotic in
-            # its references, so solving them together would make the fit depend on test_pilots.
-            pilots, x_test = pilots[:fit_pilots], pilots[fit_pilots:]
-            x_ref = pf_ode_reference(sde, counted, pilots, sampler.eps, rtol=reference_rtol)
-            ref_test = pf_ode_reference(sde, counted, x_test, sampler.eps, rtol=reference_rtol)
-            test = (x_test, ref_test)
+            pilots, x_ref, test = _references(counted, sampler, pilots, fit_pilots, reference_rtol)
         grid = optimize_time_grid(
             factory, counted, sde, steps, data_shape=tuple(data_shape),
             x_T=None if pilots is None else pilots[:num_pilot],
@@ -373,6 +367,20 @@ def _solver_pilots(
         for n in (fit_pilots, test_pilots)
     ]
     return torch.cat(draw)
+
+
+def _references(
+    score: ScoreFn, sampler: Any, pilots: Tensor, fit_pilots: int, rtol: float
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """(the fit's pilots, their references, (the test pilots, their references)). One
+    reference solve for the grid's and the fit's pilots, another for the test's: the adaptive
+    solve's steps depend on its whole batch, and the fit is chaotic in its references, so
+    solving them together would make the fit depend on `test_pilots`."""
+    from scoresde.samplers.schedules import pf_ode_reference
+
+    fit, test = pilots[:fit_pilots], pilots[fit_pilots:]
+    ref = [pf_ode_reference(sampler.sde, score, x, sampler.eps, rtol=rtol) for x in (fit, test)]
+    return fit, ref[0], (test, ref[1])
 
 
 def _fit_solver(
