@@ -1,23 +1,23 @@
-"""DPM-Solver-v3's empirical model statistics at 10 NFE (issue 12's last untried option).
+"""DPM-Solver-v3 (empirical model statistics) at 10 NFE: issue 12's last untried option.
 
-Usage: python benchmarks/ems_v3.py [--n 4000] [--out benchmarks/results]
-Writes ems_v3.json, ems_v3.md and ems_v3.png. About 30 minutes on a shared 2-core CPU.
+Usage: python benchmarks/ems_v3.py [--n 10000] [--out benchmarks/results]
+Writes ems_v3.json, ems_v3.md and ems_v3.png. About 40 minutes on a shared 2-core CPU.
 
-On every VP target of few_step.py (held-in and held-out), from the same x_T: diffusers' best
-scheduler at 10 NFE, the default DPMSolverSampler(sde, 10), its grid calibrated
-(`calibrate(method="grid")`, as in few_step.py's bespoke table) and DPM-Solver-v3
-(`scoresde.bench.ems`) with statistics measured on 1,024 pilot trajectories of another seed,
-on three grids (the default quadratic one, logSNR-uniform as in the paper, the calibrated
-one, and one calibrated for v3 itself by the same search), with the paper's 10-step setting
-(order 3, no corrector) and with a corrector. The same
-code with l = 1, s = b = 0 (DPM-Solver++) is the control: what the statistics add.
+On every VP target of few_step.py (held-in and held-out; VE grid25 and aniso8d; the trained
+2-D MLP), from the same x_T as few_step.py's bespoke table: diffusers' best scheduler at 10
+NFE (VP), the default DPMSolverSampler(sde, 10), its grid calibrated
+(`calibrate(method="grid")`) and `calibrate(method="ems")`: DPM-Solver-v3
+(`scoresde.samplers.ems`) with statistics from 1,024 pilot trajectories and a grid searched
+for it the same way. For what the parts do: v3 with statistics of other pilots on fixed grids
+(the default quadratic one, logSNR-uniform as in the paper, the grid tuned for DPM-Solver++),
+with the paper's 10-step setting (order 3, no corrector) and with a corrector; and the same
+code with l = 1, s = b = 0 (DPM-Solver++) as the control.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -33,22 +33,18 @@ from few_step import (
 
 from scoresde import DPMSolverSampler
 from scoresde.bench import targets as T
-from scoresde.bench.ems import EmpiricalModelStatistics, EMSSampler, ems_sample
 from scoresde.bench.peers import CountingFn, CountingScore
 from scoresde.calibration import calibrate
+from scoresde.samplers.ems import EmpiricalModelStatistics, EMSSampler
 from scoresde.samplers.grids import time_grid
-from scoresde.samplers.schedules import optimize_time_grid
 
-VARIANTS = {  # name: (grid, ems_sample keywords)
+VARIANTS = {  # name: (grid, EmpiricalModelStatistics.plan keywords)
     "v3, quadratic": ("quadratic", dict(corrector=False)),
     "v3 + corrector, quadratic": ("quadratic", dict()),
-    "v3, logSNR": ("logsnr", dict(corrector=False)),
     "v3 + corrector, logSNR": ("logsnr", dict()),
-    "v3, calibrated grid": ("tuned", dict(corrector=False)),
     "v3 + corrector, calibrated grid": ("tuned", dict()),
-    "v3 + corrector, grid calibrated for it": ("tuned_v3", dict()),
 }
-BEST = "v3 + corrector, grid calibrated for it"
+BEST = 'calibrate(method="ems")'
 
 
 def rms(err: torch.Tensor) -> float:
@@ -62,7 +58,6 @@ def mixture_case(name: str, kind: str, n: int) -> tuple[dict, dict]:
     z, ref = prior_paths(sde, gm, n)
     row: dict = dict(target=name, sde=kind, held_out=name in HELD_OUT)
     prob = dict(score=CountingScore(sde, gm), sde=sde, dim=gm.dim, z=z, ref=ref)
-    prob["field"] = T.pf_ode_field(sde, gm)
     if kind == "vp":
         prob["peers"] = peer_errors(name, z)
         row["peers"] = {k: rms(e) for k, e in prob["peers"].items()}
@@ -73,51 +68,43 @@ def mixture_case(name: str, kind: str, n: int) -> tuple[dict, dict]:
 def trained_case(n: int) -> tuple[dict, dict]:
     """(row, problem) for few_step.py's trained 2-D MLP (float64), against tight solves of its
     own ODE; no diffusers row (their runs end at t = 0, where a network's ODE is undefined)."""
-    from scoresde.flow import ProbabilityFlow
-
     net, sde, z, ref = trained_problem(n)
     row: dict = dict(target="mlp2d (trained MLP)", sde="vp", held_out=True)
-
-    def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return net(x, torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0]))
-
-    field = ProbabilityFlow(sde, net, t_range=(1e-3, sde.T))
-    return row, dict(score=CountingFn(score), sde=sde, dim=2, z=z, ref=ref, field=field)
+    return row, dict(score=CountingFn(net), sde=sde, dim=2, z=z, ref=ref)
 
 
 def measure(row: dict, prob: dict) -> dict:
     """Fill `row` with every method's RMS and median per-path ode_err on the problem's paths,
-    the costs of the statistics and of the grid tuned for v3, and (with peers) the bootstrap
-    interval of best peer / v3 on its own grid."""
+    the calibrations' costs and (with peers) bootstrap intervals of best peer / ours."""
     score, sde, dim, z, ref = (prob[k] for k in ("score", "sde", "dim", "z", "ref"))
-    errors = {"default": path_errors(DPMSolverSampler(sde, 10).sample(score, (0,), x_init=z), ref)}
-    cal = calibrate(score, DPMSolverSampler(sde, 10), data_shape=(dim,), method="grid",
-                    num_pilot=2048, max_evals=150,
-                    generator=torch.Generator().manual_seed(1))  # fmt: skip
-    grids = {g: time_grid(sde, 10, g) for g in ("quadratic", "logsnr")} | {"tuned": cal.grid()}
-    errors["calibrated grid"] = path_errors(
-        DPMSolverSampler(sde, 10, time_grid=grids["tuned"]).sample(score, (0,), x_init=z), ref
-    )
-    pilots = sde.prior_std * torch.randn(1024, dim, generator=torch.Generator().manual_seed(1))
-    field = CountingFn(prob["field"])  # the pilots' trajectories, counted
-    start, nfe0 = time.perf_counter(), score.nfe
+    samplers = {"default": DPMSolverSampler(sde, 10)}
+    for method in ("grid", "ems"):  # what ScoreModel.calibrate does (pilots of seed 1)
+        cal = calibrate(score, samplers["default"], data_shape=(dim,), method=method,
+                        num_pilot=2048, max_evals=150,
+                        generator=torch.Generator().manual_seed(1))  # fmt: skip
+        key = "calibrated grid" if method == "grid" else BEST
+        samplers[key] = cal.make_sampler(sde)
+        row[f"{method}_nfe"], row[f"{method}_s"], row[f"{method}_extra"] = (
+            cal.nfe, cal.seconds, {k: v for k, v in cal.extra.items() if k != "rejected_ems"}
+        )  # fmt: skip
+        row[f"{method}_kept"] = cal.ems is not None
+    if "rejected_ems" in cal.extra:  # what the rejected plan would have given
+        samplers["rejected v3 plan"] = EMSSampler(sde, **cal.extra["rejected_ems"])
+    # The same statistics on other pilots, for v3 on fixed grids (no search of its own).
+    pilots = sde.prior_std * torch.randn(1024, dim, generator=torch.Generator().manual_seed(3))
     stats = EmpiricalModelStatistics.measure(
-        sde, score, field, pilots.double(), generator=torch.Generator().manual_seed(2)
+        sde, score, pilots.double(), generator=torch.Generator().manual_seed(2)
     )
-    row["stats_s"] = time.perf_counter() - start
-    row["stats_nfe"] = score.nfe - nfe0 + field.nfe
-    start, nfe0 = time.perf_counter(), score.nfe
-    grids["tuned_v3"] = optimize_time_grid(  # as calibrate(method="grid") does, for v3
-        lambda g: EMSSampler(stats, g), score, sde, 10, data_shape=(dim,), num_pilot=2048,
-        max_evals=150, generator=torch.Generator().manual_seed(1),
-    )  # fmt: skip
-    row["tune_v3_s"], row["tune_v3_nfe"] = time.perf_counter() - start, score.nfe - nfe0
     control = EmpiricalModelStatistics.degenerate(sde, dim)
+    grids = {g: time_grid(sde, 10, g) for g in ("quadratic", "logsnr")}
+    grids["tuned"] = samplers["calibrated grid"].time_grid
+    samplers["control (l = 1, s = b = 0) + corrector, quadratic"] = EMSSampler(
+        sde, **control.plan(grids["quadratic"])
+    )
+    for key, (grid, kw) in VARIANTS.items():
+        samplers[key] = EMSSampler(sde, **stats.plan(grids[grid], **kw))
     with torch.no_grad():
-        x = ems_sample(control, score, z, grids["quadratic"])
-        errors["control (l = 1, s = b = 0) + corrector, quadratic"] = path_errors(x, ref)
-        for key, (grid, kw) in VARIANTS.items():
-            errors[key] = path_errors(ems_sample(stats, score, z, grids[grid], **kw), ref)
+        errors = {k: path_errors(s.sample(score, (0,), x_init=z), ref) for k, s in samplers.items()}
     row["rms"] = {k: rms(e) for k, e in errors.items()}
     row["median"] = {k: float(e.median()) for k, e in errors.items()}
     if "peers" in prob:
@@ -133,11 +120,15 @@ def markdown(rows: list[dict], n: int) -> str:
     out = ["# DPM-Solver-v3 (empirical model statistics) at 10 NFE", ""]
     out += [f"Command: `python benchmarks/ems_v3.py --n {n}`", ""]
     out += [
-        f"ode_err at 10 NFE, VP SDE, {n} paths from the same x_T (exact scores; the reference "
-        "is a tight solve of the same ODE). In brackets: best diffusers' ode_err / this one. "
-        "Statistics: 1,024 pilot trajectories (another seed), 1,200 points uniform in "
-        'lambda; calibrated grid: `calibrate(method="grid")` for the default sampler '
-        '(2,048 pilots, 150 runs); "calibrated for it": the same search run with v3. '
+        f"ode_err at 10 NFE, {n} paths from the same x_T as few_step.py's bespoke table "
+        "(exact scores, except the trained MLP's row; the reference is a tight solve of the "
+        "same ODE). In brackets: best diffusers' ode_err / this one. Calibrations on pilots "
+        'of another seed (`calibrate(..., num_pilot=2048, max_evals=150)`): "calibrated '
+        'grid" is method="grid"; method="ems" adds statistics on 1,024 further pilot '
+        "trajectories (1,200 points uniform in lambda) and the same grid search for v3, kept "
+        "if its pilot error is below the tuned grid's. The v3 rows below it use statistics "
+        "of yet other pilots on fixed grids; the control is the same code without "
+        "statistics (DPM-Solver++). "
         "Bold: the lowest in each column.",
         "",
     ]
@@ -163,12 +154,14 @@ def markdown(rows: list[dict], n: int) -> str:
         f"{r['ratio_ci']['calibrated grid'][1]:.2f}x)"
         for r in rows if "ratio_ci" in r
     ) + "."]  # fmt: skip
-    out += ["", "Costs in score evaluations (NFE, each a batch) and seconds: the statistics "
-            "(the pilots' trajectories + one Jacobian probe per grid point) / the grid search "
-            "for v3 (its pilots' reference solves + 150 runs): "]  # fmt: skip
+    out += ["", "Costs (score evaluations, each a batch, and seconds) of the calibrations, and "
+            "their pilot errors (the grid searches' 2,048 pilots): tuned grid / v3 on its own "
+            "grid (statistics + search; \"rejected\": kept the tuned grid): "]  # fmt: skip
     out += ["; ".join(
-        f"{_label(r)} {r['stats_nfe']} NFE, {r['stats_s']:.0f} s / {r['tune_v3_nfe']} NFE, "
-        f"{r['tune_v3_s']:.0f} s" for r in rows
+        f"{_label(r)} {r['grid_nfe']} NFE, {r['grid_s']:.0f} s / {r['ems_nfe']} NFE, "
+        f"{r['ems_s']:.0f} s (pilot error {r['ems_extra']['grid_error']:.4f} / "
+        f"{r['ems_extra']['ems_error']:.4f}{'' if r['ems_kept'] else ', rejected'})"
+        for r in rows
     ) + "."]  # fmt: skip
     return "\n".join(out) + "\n"
 
@@ -201,7 +194,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=4000)
+    ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     cases = [f"vp:{name}" for name in HELD_IN + HELD_OUT] + ["ve:grid25", "ve:aniso8d", "mlp2d"]
     ap.add_argument("--cases", nargs="*", default=cases, help="kind:target, or mlp2d")

@@ -80,6 +80,7 @@ def repl(m):
         "switching",
         "fit_batch",
         "acceptance",
+        "ems_v3",
     ):
         lines = (R / f"{key}.md").read_text().splitlines()[1:]  # the page has its title
         body = "\n".join(ln for ln in lines if not ln.startswith("Command:"))

@@ -352,6 +352,10 @@ def _initial_step(
         torch.clamp(h0 * 1e-3, min=1e-6),
         (0.01 / dmax).pow(1.0 / _ORDER),
     )
+    # A non-finite probe (the field is NaN/Inf somewhere before t0 + h0) would make h NaN
+    # and the failure's time unknown: start small instead, so the steps reach the bad
+    # region from finite times and the error names them.
+    h1 = torch.where(torch.isfinite(d2), h1, 1e-3 * h0)
     return direction * torch.minimum(100 * h0, h1).clamp(max=span)
 
 

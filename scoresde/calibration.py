@@ -49,9 +49,11 @@ __all__ = [
 
 CALIBRATION_NAME = "calibration.json"
 FORMAT = "scoresde.calibration"
-VERSION = 2  # 2 added `solver` (a fitted multistep solver); version 1 files still load
-_READABLE = (1, 2)
-_MAX_BYTES = 1 << 22  # a few grids: kB; refuse anything absurd
+VERSION = 3  # 2 added `solver` (a fitted multistep solver), 3 `ems`; older files still load
+_READABLE = (1, 2, 3)
+# A few grids are kB; an `ems` plan holds ~13 vectors of the sample's size per step (8 MB for
+# 10 steps of 3 x 32 x 32 images); refuse anything absurd.
+_MAX_BYTES = 1 << 26
 # A fitted solver replaces the tuned grid only if its gain on the test pilots (fresh draws the
 # fit never saw, not even to pick its best iterate) is this many standard errors of the paired
 # per-path improvement (heavy-tailed errors make a lower RMS alone luck).
@@ -137,6 +139,7 @@ class Calibration:
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     solver: dict[str, Any] | None = None
+    ems: dict[str, Any] | None = None
 
     def grid(self) -> Tensor:
         """The tuned grid `[num_steps + 1]` (float64, CPU)."""
@@ -162,7 +165,12 @@ class Calibration:
 
     def make_sampler(self, sde: Any) -> Any:
         """The sampler this was tuned for, with the tuned grid; or the fitted bespoke solver
-        (a `LearnedMultistepSampler`, the same NFE) if this calibration holds one."""
+        (a `LearnedMultistepSampler`) or DPM-Solver-v3 plan (an `EMSSampler`) if this
+        calibration holds one (the same NFE)."""
+        if self.ems is not None:
+            from scoresde.samplers.ems import EMSSampler
+
+            return EMSSampler(sde, **self.ems)
         if self.solver is not None:
             from scoresde.samplers.learned import LearnedMultistepSampler
 
@@ -175,6 +183,12 @@ class Calibration:
     def describe(self) -> str:
         """One line: what it is and what it cost."""
         opts = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        if self.ems is not None:
+            return (
+                f"DPM-Solver-v3 (empirical model statistics) for {self.sampler} "
+                f"({self.num_steps} steps, {opts}; pilot RMS error {self.initial_error:.3g} "
+                f"-> {self.pilot_error:.3g}; {self.nfe} NFE)"
+            )
         if self.solver is not None:
             return (
                 f"bespoke solver fitted from {self.sampler} ({self.num_steps} steps, {opts}; "
@@ -202,7 +216,7 @@ class Calibration:
         if not isinstance(data, dict):
             raise ValueError(f"a calibration must be a JSON object, got {type(data).__name__}")
         names = {f for f in cls.__dataclass_fields__}
-        missing = names - set(data) - {"seconds", "extra", "solver"}
+        missing = names - set(data) - {"seconds", "extra", "solver", "ems"}
         if missing or set(data) - names:
             raise ValueError(
                 f"calibration entries must be {sorted(names)}, missing {sorted(missing)}, "
@@ -226,6 +240,13 @@ class Calibration:
             n = len(solver["times"]) if isinstance(solver["times"], list) else -1
             if n != int(data["num_steps"]):
                 raise ValueError(f"solver times must be num_steps numbers, got {solver['times']!r}")
+        ems = data.get("ems")
+        if ems is not None:
+            keys = {"times", "linear", "predictor", "corrector"}
+            if not isinstance(ems, dict) or set(ems) != keys:
+                raise ValueError(f"ems must be a JSON object with entries {sorted(keys)}")
+            if not isinstance(ems["times"], list) or len(ems["times"]) != len(grid):
+                raise ValueError("ems times must be num_steps + 1 numbers")
         return cls(**{**data, "time_grid": [float(v) for v in grid]})
 
 
@@ -241,6 +262,7 @@ def calibrate(
     fit_iterations: int = 800,
     fit_batch: int | None = None,
     test_pilots: int = 16384,
+    ems_pilots: int = 1024,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
@@ -254,13 +276,16 @@ def calibrate(
         sampler: a deterministic fixed-step sampler with its default time grid, e.g.
             `DPMSolverSampler(sde, 10)`; the calibration is for exactly its settings.
         data_shape: one sample's shape D.
-        method: "grid" (the time grid only) or "solver": the grid, then a bespoke multistep
+        method: "grid" (the time grid only); "solver": the grid, then a bespoke multistep
             solver fitted on top of it (`scoresde.samplers.learned`: the evaluation times
             and all the solver's weights, by gradient descent through the sampler on
             `fit_pilots` draws, a quarter of them held out to pick the best iterate; kept only
             if it beats the grid on `test_pilots` further draws by over two standard errors
-            of the paired per-path improvement). The same NFE per sample; "dpm" samplers
-            only (deterministic, no denoise); the score must be differentiable in x and t.
+            of the paired per-path improvement); "ems": the grid, then DPM-Solver-v3
+            (`scoresde.samplers.ems`: statistics on `ems_pilots` further pilot trajectories,
+            its own grid by the same search on the same pilots; kept if its pilot error is
+            the lower). The same NFE per sample; "dpm" samplers only (deterministic, no
+            denoise); the score must be differentiable in x (and in t for "solver").
         num_pilot, max_evals, generator, device, dtype, reference_rtol: as in
             `optimize_time_grid` (pilots from a private generator seeded 1234 by default;
             with method="solver" the grid is tuned on the first `num_pilot` of the
@@ -274,29 +299,17 @@ def calibrate(
             A rejected fit is recorded in `extra["rejected_solver"]`.
     """
     from scoresde._validation import check_choice
-    from scoresde.samplers.schedules import optimize_time_grid
+    from scoresde.samplers import SAMPLERS
+    from scoresde.samplers.schedules import optimize_time_grid, pf_ode_reference
 
     name, steps, settings = sampler_settings(sampler)
     if not isinstance(sampler.time_grid, str):
         raise ValueError("calibrate a sampler with a named time_grid (its default), not a tensor")
-    method = check_choice("method", method, ("grid", "solver"))
-    pilots = None
-    if method == "solver":
-        pilots = _solver_pilots(
-            name, sampler, data_shape, num_pilot, fit_pilots, fit_iterations, fit_batch,
-            test_pilots, generator, device, dtype,
-        )  # fmt: skip
-    count = {"nfe": 0}
-
-    def counted(x: Tensor, t: Tensor) -> Tensor:
-        count["nfe"] += 1
-        return score_fn(x, t)
-
-    from scoresde.samplers import SAMPLERS
-
-    cls = SAMPLERS[name]
-    sde = sampler.sde
-    info: dict[str, Any] = {}
+    method = check_choice("method", method, ("grid", "solver", "ems"))
+    fit = (fit_pilots, fit_iterations, fit_batch, test_pilots, ems_pilots)
+    pilots = _method_pilots(method, name, sampler, data_shape, num_pilot, fit, generator,
+                            device, dtype)  # fmt: skip
+    counted, cls, sde, info = _Counted(score_fn), SAMPLERS[name], sampler.sde, {}
 
     def factory(grid: Tensor) -> Any:
         return cls(sde, num_steps=len(grid) - 1, time_grid=grid, **settings)
@@ -304,8 +317,11 @@ def calibrate(
     start = time.perf_counter()
     x_ref = None
     with torch.no_grad():
-        if pilots is not None:
+        if method == "solver":
             pilots, x_ref, test = _references(counted, sampler, pilots, fit_pilots, reference_rtol)
+        elif method == "ems":  # the grid's pilots' references serve both grid searches
+            x_ref = pf_ode_reference(sde, counted, pilots[:num_pilot], sampler.eps,
+                                     rtol=reference_rtol)  # fmt: skip
         grid = optimize_time_grid(
             factory, counted, sde, steps, data_shape=tuple(data_shape),
             x_T=None if pilots is None else pilots[:num_pilot],
@@ -313,18 +329,49 @@ def calibrate(
             init=sampler.time_grid, eps=sampler.eps, max_evals=max_evals, generator=generator,
             device=device, dtype=dtype, reference_rtol=reference_rtol, info=info,
         )  # fmt: skip
-    solver, extra = None, {}
-    if pilots is not None:
+    solver, extra, ems = None, {}, None
+    if method == "solver":
         solver, extra = _fit_solver(
             counted, factory(grid), pilots, x_ref, test, fit_iterations, fit_batch
         )
+    elif method == "ems":
+        from scoresde.samplers.ems import calibrate_plan
+
+        grid, ems, extra = calibrate_plan(counted, sampler, grid, info, pilots, x_ref, max_evals)
     seconds = time.perf_counter() - start
     return Calibration(
         sampler=name, num_steps=steps, settings=settings, time_grid=grid.tolist(),
-        base_grid=sampler.time_grid, sde=_plain(sde.config()), nfe=count["nfe"],
+        base_grid=sampler.time_grid, sde=_plain(sde.config()), nfe=counted.nfe,
         num_pilot=int(num_pilot), pilot_error=info["error"],
-        initial_error=info["initial_error"], seconds=seconds, extra=extra, solver=solver,
+        initial_error=info["initial_error"], seconds=seconds, extra=extra, solver=solver, ems=ems,
     )  # fmt: skip
+
+
+class _Counted:
+    """A score function that counts its calls (`nfe`)."""
+
+    def __init__(self, fn: ScoreFn) -> None:
+        self.fn, self.nfe = fn, 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.nfe += 1
+        return self.fn(x, t)
+
+
+def _method_pilots(
+    method: str, name: str, sampler: Any, data_shape: tuple[int, ...], num_pilot: int,
+    fit: tuple, generator: torch.Generator | None, device: Any, dtype: torch.dtype,
+) -> Tensor | None:  # fmt: skip
+    """The pilots drawn up front: for "solver" and "ems" (None for "grid": optimize_time_grid
+    draws its own, the same ones)."""
+    if method == "solver":
+        return _solver_pilots(name, sampler, data_shape, num_pilot, *fit[:4], generator, device,
+                              dtype)  # fmt: skip
+    if method == "ems":
+        from scoresde.samplers.ems import calibration_pilots
+
+        return calibration_pilots(sampler, data_shape, num_pilot, fit[4], generator, device, dtype)
+    return None
 
 
 def _solver_pilots(

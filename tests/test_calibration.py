@@ -174,3 +174,25 @@ def test_cli_sample_uses_a_matching_calibration(tmp_path: Path, capsys, calibrat
     assert cal is not None
     again, _ = run("d", "--steps", "4")
     assert np.array_equal(again, tuned)
+
+
+def test_a_v3_calibration_of_a_network_is_saved_and_used_by_the_cli(tmp_path: Path, capsys) -> None:
+    """method="ems" on a network (its Jacobian probed through autograd): the plan travels in
+    calibration.json and `scoresde sample` runs it."""
+    from scoresde.samplers.ems import EMSSampler
+
+    model = _model()
+    cal = model.calibrate(DPMSolverSampler(model.sde, 4), method="ems", num_pilot=32,
+                          max_evals=10, ems_pilots=32)  # fmt: skip
+    assert "ems_error" in cal.extra and cal.pilot_error <= cal.extra["grid_error"]
+    folder = model.save_pretrained(tmp_path / "m")
+    loaded = ScoreModel.from_pretrained(folder)
+    assert loaded.calibrations == [cal]
+    sampler, used = calibrated_sampler(loaded, DPMSolverSampler(loaded.sde, 4))
+    assert used == cal and isinstance(sampler, EMSSampler) == (cal.ems is not None)
+    out = tmp_path / "s.npz"
+    args = ["sample", str(folder), "--num-samples", "8", "--seed", "2", "--steps", "4"]
+    assert main([*args, "--sampler", "dpm", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert ("DPM-Solver-v3" in said) == (cal.ems is not None)
+    assert np.isfinite(np.load(out)["samples"]).all()

@@ -149,6 +149,15 @@ def _nan_below_half(sde):
     return fn
 
 
+@pytest.mark.parametrize("seed", [208, 225, 285])
+def test_a_nan_at_the_first_step_probe_is_reported_with_a_finite_time(seed: int) -> None:
+    """The first-step probe of these draws lands below t = 0.5, where the score is NaN: the
+    step size used to become NaN and the error read "t = 1 .. nan"."""
+    torch.manual_seed(seed)
+    with pytest.raises(NonFiniteError, match=r"t = 0\.\d+ \.\. 0\.\d+"):
+        ODESampler(VPSDE(), "dopri5").sample(_nan_below_half(VPSDE()), (4, 2))
+
+
 @pytest.mark.parametrize("method", ["dopri5", "bosh3", "dopri5_per_sample"])
 def test_nan_score_is_reported_with_the_time(method: str) -> None:
     sde = VPSDE()

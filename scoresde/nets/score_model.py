@@ -166,12 +166,13 @@ class ScoreModel(nn.Module):
             sampler: a deterministic fixed-step sampler of this model's SDE with its default
                 grid, e.g. `DPMSolverSampler(model.sde, 10)`.
             data_shape: one sample's shape (default: the model spec's, if it is complete).
-            kwargs: `method` ("grid", or "solver": also fit a bespoke multistep solver,
-                see `scoresde.calibration.calibrate`), `num_pilot` (2048), `max_evals`,
+            kwargs: `method` ("grid"; "solver": also fit a bespoke multistep solver;
+                "ems": DPM-Solver-v3 with statistics of this model and a grid searched for
+                it; see `scoresde.calibration.calibrate`), `num_pilot` (2048), `max_evals`,
                 `fit_pilots`, `fit_iterations`, `fit_batch` (pilots per Adam step of the
                 fit; default all), `test_pilots` (fresh draws that decide whether the fit
-                is kept; 16384), `generator`, `device` and `dtype` (default: the
-                weights').
+                is kept; 16384), `ems_pilots` (trajectories for the statistics; 1024),
+                `generator`, `device` and `dtype` (default: the weights').
         """
         from scoresde.calibration import calibrate
 

@@ -12,6 +12,7 @@ from scoresde.samplers.base import NonFiniteError, Sampler, SamplingContext
 from scoresde.samplers.ddim import DDIMSampler
 from scoresde.samplers.dpm_solver import DPMSolverSampler
 from scoresde.samplers.edm import EDMSampler
+from scoresde.samplers.ems import EmpiricalModelStatistics, EMSSampler
 from scoresde.samplers.grids import GRIDS, time_grid
 from scoresde.samplers.learned import LearnedMultistepSampler
 from scoresde.samplers.ode import ODESampler
@@ -42,4 +43,4 @@ __all__ = ["SAMPLERS", "Sampler", "SamplingContext", "NonFiniteError", "time_gri
 __all__ += ["DDIMSampler", "DPMSolverSampler", "EDMSampler", "AdaptiveSDESampler"]
 __all__ += ["PCSampler", "EulerMaruyamaSampler", "ODESampler", "Predictor", "Corrector"]
 __all__ += ["PCContext", "optimize_time_grid", "SASolverSampler", "toolkit"]
-__all__ += ["LearnedMultistepSampler"]
+__all__ += ["LearnedMultistepSampler", "EMSSampler", "EmpiricalModelStatistics"]
