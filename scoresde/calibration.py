@@ -391,7 +391,6 @@ def _solver_pilots(
     fit's (the grid is tuned on the first `num_pilot`), then the test's; after checking the
     sampler and the fit's settings."""
     from scoresde._validation import check_positive_int
-    from scoresde.samplers.schedules import PILOT_SEED, _pilots
 
     if name != "dpm" or sampler.denoise:
         raise ValueError(
@@ -407,12 +406,21 @@ def _solver_pilots(
         check_positive_int("fit_batch", fit_batch)
     if fit_pilots < 2 * num_pilot:
         raise ValueError(f"fit_pilots={fit_pilots} must be at least twice num_pilot={num_pilot}")
+    return pilot_batches(sampler.sde, data_shape, (fit_pilots, test_pilots), generator, device,
+                         dtype)  # fmt: skip
+
+
+def pilot_batches(
+    sde: Any, data_shape: tuple[int, ...], sizes: tuple[int, ...], generator: Any, device: Any,
+    dtype: torch.dtype,
+) -> Tensor:  # fmt: skip
+    """Prior draws `[sum(sizes), *D]`, batch after batch from one generator (default: the
+    private one seeded like `optimize_time_grid`'s, so the first batch is its pilots)."""
+    from scoresde.samplers.schedules import PILOT_SEED, _pilots
+
     if generator is None:
         generator = torch.Generator(device=device or "cpu").manual_seed(PILOT_SEED)
-    draw = [
-        _pilots(sampler.sde, None, tuple(data_shape), n, generator, device, dtype)
-        for n in (fit_pilots, test_pilots)
-    ]
+    draw = [_pilots(sde, None, tuple(data_shape), n, generator, device, dtype) for n in sizes]
     return torch.cat(draw)
 
 

@@ -309,8 +309,8 @@ def calibration_pilots(
     """The pilot draws of `calibrate(method="ems")` `[num_pilot + ems_pilots, *D]`: the grid
     searches' (the same as method="grid"), then the statistics'."""
     from scoresde._validation import check_positive_int
+    from scoresde.calibration import pilot_batches
     from scoresde.samplers.dpm_solver import DPMSolverSampler
-    from scoresde.samplers.schedules import PILOT_SEED, _pilots
 
     if (
         type(sampler) is not DPMSolverSampler
@@ -325,13 +325,8 @@ def calibration_pilots(
     check_positive_int("num_pilot", num_pilot)
     if check_positive_int("ems_pilots", ems_pilots) < 2:
         raise ValueError(f"ems_pilots={ems_pilots} must be at least 2 (a regression)")
-    if generator is None:
-        generator = torch.Generator(device=device or "cpu").manual_seed(PILOT_SEED)
-    draw = [
-        _pilots(sampler.sde, None, tuple(data_shape), n, generator, device, dtype)
-        for n in (num_pilot, ems_pilots)
-    ]
-    return torch.cat(draw)
+    return pilot_batches(sampler.sde, data_shape, (num_pilot, ems_pilots), generator, device,
+                         dtype)  # fmt: skip
 
 
 def calibrate_plan(
