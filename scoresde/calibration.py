@@ -309,7 +309,7 @@ def calibrate(
     fit = (fit_pilots, fit_iterations, fit_batch, test_pilots, ems_pilots)
     pilots = _method_pilots(method, name, sampler, data_shape, num_pilot, fit, generator,
                             device, dtype)  # fmt: skip
-    counted, cls, sde, info = _Counted(score_fn), SAMPLERS[name], sampler.sde, {}
+    counted, cls, sde, info = CountingFn(score_fn), SAMPLERS[name], sampler.sde, {}
 
     def factory(grid: Tensor) -> Any:
         return cls(sde, num_steps=len(grid) - 1, time_grid=grid, **settings)
@@ -347,13 +347,14 @@ def calibrate(
     )  # fmt: skip
 
 
-class _Counted:
-    """A score function that counts its calls (`nfe`)."""
+class CountingFn:
+    """Wrap any score_fn(x, t) and count its batch calls (`nfe`): the calibration's count,
+    and the benchmarks'."""
 
     def __init__(self, fn: ScoreFn) -> None:
         self.fn, self.nfe = fn, 0
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Any) -> Tensor:
         self.nfe += 1
         return self.fn(x, t)
 

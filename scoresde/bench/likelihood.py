@@ -23,6 +23,7 @@ import torch
 from scoresde._typing import Tensor
 from scoresde.bench.peers import CountingScore
 from scoresde.bench.targets import TARGETS, at_one_time, make_sde, schedule_coefficients
+from scoresde.calibration import CountingFn
 from scoresde.flow import ProbabilityFlow
 from scoresde.sdes import SDE
 
@@ -345,17 +346,6 @@ def train_mlp_2d(full: bool, seed: int = 0) -> tuple[torch.nn.Module, SDE, Any, 
     return ema, sde, mixture, seconds
 
 
-class _Calls:
-    """Counts calls of a score (a module or a function) and passes them on."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, x: Tensor, t: Any) -> Tensor:
-        self.calls += 1
-        return self.fn(x, t)
-
-
 _TARGET_CACHE: dict[tuple, dict[str, Any]] = {}
 
 
@@ -394,7 +384,7 @@ def _make_target(name: str, n: int, full: bool, seed: int, lik: Any, kind: str =
 def _song_block(name: str, n: int, full: bool, seed: int, repeats: int, lik: Any) -> dict[str, Any]:
     tgt = _song_target(name, n, full, seed, lik)
     sde, x, ref = tgt["sde"], tgt["x"], tgt["ref"]
-    score = _Calls(tgt["score"])
+    score = CountingFn(tgt["score"])
     runs: list[tuple[str, str, str, Any]] = []
     for label, one_call in (("Song et al. (emulated)", False), ("Song et al., 1 call", True)):
 
@@ -417,7 +407,7 @@ def _song_block(name: str, n: int, full: bool, seed: int, repeats: int, lik: Any
         runs.append((label, setting, str(dtype).replace("torch.", ""), ours))
     rows: list[dict[str, Any]] = []
     for label, setting, dtype, fn in runs:  # one untimed run each: warm-up, calls, errors
-        score.calls = 0
+        score.nfe = 0
         try:
             est = fn()
         except Exception as err:  # reported, not fatal
@@ -426,7 +416,7 @@ def _song_block(name: str, n: int, full: bool, seed: int, repeats: int, lik: Any
         diff = (est - ref).abs()
         rows.append(
             {
-                "method": label, "setting": setting, "dtype": dtype, "calls": score.calls,
+                "method": label, "setting": setting, "dtype": dtype, "calls": score.nfe,
                 "mean_abs_err": float(diff.mean()), "max_abs_err": float(diff.max()),
                 "times": [],
             }
@@ -518,11 +508,11 @@ def run_time_variables(*, full: bool = False, seed: int = 0) -> list[dict[str, A
         else:
             tgt = _make_target(name, n, full, seed, lik, kind)
         dtype = torch.float32 if name == "mlp2d" else torch.float64
-        score, sde, x, ref = _Calls(tgt["score"]), tgt["sde"], tgt["x"].to(dtype), tgt["ref"]
+        score, sde, x, ref = CountingFn(tgt["score"]), tgt["sde"], tgt["x"].to(dtype), tgt["ref"]
         rows = []
         for rtol in rtols:
             for variable in lik.TIME_VARIABLES:
-                score.calls = 0
+                score.nfe = 0
                 start = time.perf_counter()
                 res = lik.log_likelihood(
                     score, sde, x, trace="exact", rtol=rtol, atol=rtol, time_variable=variable

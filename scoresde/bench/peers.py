@@ -45,6 +45,7 @@ from scoresde.bench.targets import (
     _schedule_sq,
     exact_score,
 )
+from scoresde.calibration import CountingFn  # noqa: F401  (re-exported: the benchmarks' counter)
 from scoresde.sdes import SDE
 from scoresde.toy import GaussianMixture
 
@@ -97,18 +98,6 @@ class CountingScore:
         else:
             _, _, alpha, var = _schedule_sq(self.sde, t)
         return exact_score(self.mixture, flat, alpha, var, self._tables[key]).reshape(x.shape)
-
-
-class CountingFn:
-    """Wrap any score_fn(x, t) and count its batch calls (NFE)."""
-
-    def __init__(self, fn: Callable[[Tensor, Any], Tensor]) -> None:
-        self.fn = fn
-        self.nfe = 0
-
-    def __call__(self, x: Tensor, t: Any) -> Tensor:
-        self.nfe += 1
-        return self.fn(x, t)
 
 
 @dataclass
