@@ -184,10 +184,15 @@ class Calibration:
         """One line: what it is and what it cost."""
         opts = ", ".join(f"{k}={v}" for k, v in self.settings.items())
         if self.ems is not None:
+            errors = (  # files of round 8 have no test pilots
+                f"test pilot RMS error {self._extra('initial_error'):.3g} with the tuned grid "
+                f"-> {self._extra('error'):.3g}"
+                if "test_error" in self.extra
+                else f"pilot RMS error {self.initial_error:.3g} -> {self.pilot_error:.3g}"
+            )
             return (
                 f"DPM-Solver-v3 (empirical model statistics) for {self.sampler} "
-                f"({self.num_steps} steps, {opts}; pilot RMS error {self.initial_error:.3g} "
-                f"-> {self.pilot_error:.3g}; {self.nfe} NFE)"
+                f"({self.num_steps} steps, {opts}; {errors}; {self.nfe} NFE)"
             )
         if self.solver is not None:
             return (
@@ -283,9 +288,10 @@ def calibrate(
             if it beats the grid on `test_pilots` further draws by over two standard errors
             of the paired per-path improvement); "ems": the grid, then DPM-Solver-v3
             (`scoresde.samplers.ems`: statistics on `ems_pilots` further pilot trajectories,
-            its own grid by the same search on the same pilots; kept if its pilot error is
-            the lower). The same NFE per sample; "dpm" samplers only (deterministic, no
-            denoise); the score must be differentiable in x (and in t for "solver").
+            its own grid by the same search on the same pilots; kept if its error on
+            `test_pilots` further draws is the lower). The same NFE per sample; "dpm"
+            samplers only (deterministic, no denoise); the score must be differentiable in x
+            (and in t for "solver").
         num_pilot, max_evals, generator, device, dtype, reference_rtol: as in
             `optimize_time_grid` (pilots from a private generator seeded 1234 by default;
             with method="solver" the grid is tuned on the first `num_pilot` of the
@@ -293,10 +299,11 @@ def calibrate(
         fit_pilots, fit_iterations: pilots and Adam steps of the solver fit.
         fit_batch: training pilots per Adam step (drawn afresh each step; None: all): a
             cheaper step, a noisier fit. Its evaluations count in `nfe` (on fewer pilots).
-        test_pilots: draws (after the fit's, same generator) that decide whether the fitted
-            solver is kept: their reference solves and both samplers' runs count in `nfe`.
-            Kept apart from the held-out pilots, which choose the iterate and so favour it.
-            A rejected fit is recorded in `extra["rejected_solver"]`.
+        test_pilots: draws (after the fit's or the statistics', same generator) that decide
+            whether the fitted solver or the v3 plan is kept: their reference solves and both
+            samplers' runs count in `nfe`. Kept apart from the pilots that chose the grid or
+            the iterate, which favour the candidate that overfit them more. A rejected
+            candidate is recorded in `extra["rejected_solver"]` / `extra["rejected_ems"]`.
     """
     from scoresde._validation import check_choice
     from scoresde.samplers import SAMPLERS
@@ -337,7 +344,9 @@ def calibrate(
     elif method == "ems":
         from scoresde.samplers.ems import calibrate_plan
 
-        grid, ems, extra = calibrate_plan(counted, sampler, grid, info, pilots, x_ref, max_evals)
+        parts = pilots.split([num_pilot, ems_pilots, test_pilots])
+        grid, ems, extra = calibrate_plan(counted, sampler, factory(grid), info, parts, x_ref,
+                                          max_evals, reference_rtol)  # fmt: skip
     seconds = time.perf_counter() - start
     return Calibration(
         sampler=name, num_steps=steps, settings=settings, time_grid=grid.tolist(),
@@ -371,7 +380,8 @@ def _method_pilots(
     if method == "ems":
         from scoresde.samplers.ems import calibration_pilots
 
-        return calibration_pilots(sampler, data_shape, num_pilot, fit[4], generator, device, dtype)
+        return calibration_pilots(sampler, data_shape, num_pilot, fit[4], fit[3], generator,
+                                  device, dtype)  # fmt: skip
     return None
 
 

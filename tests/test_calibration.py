@@ -183,8 +183,10 @@ def test_a_v3_calibration_of_a_network_is_saved_and_used_by_the_cli(tmp_path: Pa
 
     model = _model()
     cal = model.calibrate(DPMSolverSampler(model.sde, 4), method="ems", num_pilot=32,
-                          max_evals=10, ems_pilots=32)  # fmt: skip
-    assert "ems_error" in cal.extra and cal.pilot_error <= cal.extra["grid_error"]
+                          max_evals=10, ems_pilots=32, test_pilots=32)  # fmt: skip
+    assert cal.extra["test_pilots"] == 32
+    kept = cal.extra["test_error"] < cal.extra["test_initial_error"]
+    assert kept == (cal.ems is not None) == ("rejected_ems" not in cal.extra)
     folder = model.save_pretrained(tmp_path / "m")
     loaded = ScoreModel.from_pretrained(folder)
     assert loaded.calibrations == [cal]

@@ -99,10 +99,18 @@ def test_calibration_keeps_v3_where_it_is_exact_and_counts_every_evaluation(tmp_
 
     sampler = DPMSolverSampler(sde, 5)
     cal = calibrate(score, sampler, data_shape=(3,), method="ems", num_pilot=64, max_evals=15,
-                    ems_pilots=128, generator=torch.Generator().manual_seed(3))  # fmt: skip
-    assert cal.nfe == len(calls) > 1201 + 15 * 5  # the statistics' 1,201 probes, 2 searches
+                    ems_pilots=128, test_pilots=256,
+                    generator=torch.Generator().manual_seed(3))  # fmt: skip
+    # the statistics' 1,201 probes, 2 searches, the test's reference and its 2 runs
+    assert cal.nfe == len(calls) > 1201 + 2 * 15 * 5 + 2 * 5
     assert cal.ems is not None and cal.extra["ems_pilots"] == 128
     assert cal.pilot_error == cal.extra["ems_error"] < 1e-2 * cal.extra["grid_error"]
+    assert cal.extra["test_pilots"] == 256 and cal.extra["test_gain_z"] > 2
+    assert cal.extra["test_error"] < 1e-2 * cal.extra["test_initial_error"]
+    assert len(cal.extra["tuned_grid"]) == 6 and "DPM-Solver-v3" in cal.describe()
+    assert f"-> {cal.extra['test_error']:.3g}" in cal.describe()  # the errors that decided
+    old = type(cal)(**{**cal.to_dict(), "extra": {}})  # written in round 8: no test pilots
+    assert f"-> {cal.pilot_error:.3g}" in old.describe()
     v3 = cal.make_sampler(sde)
     assert isinstance(v3, EMSSampler) and cal.matches(sampler)
     assert torch.equal(cal.grid(), v3.times)
@@ -116,20 +124,37 @@ def test_calibration_keeps_v3_where_it_is_exact_and_counts_every_evaluation(tmp_
     assert torch.equal(back.make_sampler(sde).sample(gm.score_fn(sde), (0,), x_init=z), x)
 
 
-def test_calibration_keeps_the_grid_when_v3_is_not_better() -> None:
+def test_calibration_decides_on_test_pilots_not_on_those_it_was_tuned_on() -> None:
+    """Two far-apart components; the grid searches' and the statistics' pilots all flow to
+    the right one, the test pilots to the left one. v3's statistics then fit the right
+    component only: 100x better than the tuned grid on its own pilots, far worse on the test
+    pilots, so the tuned grid is kept (the pilot-error rule would have kept v3)."""
     from scoresde.samplers.ems import calibrate_plan
+    from scoresde.samplers.schedules import optimize_time_grid
 
-    sde, gm = make_sde("vp"), _gaussian()
-    pilots = torch.randn(48, 3, generator=torch.Generator().manual_seed(4)).double()
-    x_ref = reference_solve(sde, gm, pilots[:32], sde.T, 1e-3)
-    grid = time_grid(sde, 4, "quadratic")
-    info = {"error": 0.0, "initial_error": 1.0}  # a grid no solver can beat
+    sde = make_sde("vp")
+    means = torch.tensor([[3.0, 0.5], [-3.0, -0.5]], dtype=torch.float64)
+    gm = GaussianMixture([0.5, 0.5], means, torch.tensor([[0.05, 0.3], [0.3, 0.05]]).double())
+    z = torch.randn(192, 2, generator=torch.Generator().manual_seed(4)).double()
+    right = torch.cat([z[:, :1].abs() + 1.0, z[:, 1:]], dim=1)
+    x_grid, x_stats, x_test = right[:64], right[64:128], -right[128:]
+    score, sampler, info = gm.score_fn(sde), DPMSolverSampler(sde, 6), {}
+    x_ref = reference_solve(sde, gm, x_grid, sde.T, sampler.eps)
+    grid = optimize_time_grid(
+        lambda g: DPMSolverSampler(sde, 6, time_grid=g), score, sde, 6, x_T=x_grid,
+        x_ref=x_ref, init=sampler.time_grid, eps=sampler.eps, max_evals=10, dtype=torch.float64,
+        info=info,
+    )  # fmt: skip
+    tuned, grid_error = DPMSolverSampler(sde, 6, time_grid=grid), info["error"]
     kept, plan, extra = calibrate_plan(
-        gm.score_fn(sde), DPMSolverSampler(sde, 4), grid, info, pilots, x_ref, 5
+        score, sampler, tuned, info, (x_grid, x_stats, x_test), x_ref, 10, 1e-7
     )
-    assert kept is grid and plan is None and info["error"] == 0.0
+    assert extra["ems_error"] < 0.1 * extra["grid_error"]  # in-sample, v3 wins by far
+    assert extra["test_error"] > 10 * extra["test_initial_error"]  # out of it, it loses
+    assert extra["test_gain_z"] < -2 and extra["test_pilots"] == 64
+    assert kept is tuned.time_grid and plan is None and info["error"] == grid_error
     assert set(extra["rejected_ems"]) == {"times", "linear", "predictor", "corrector"}
-    assert extra["ems_pilots"] == 16 and extra["ems_error"] > 0
+    assert extra["ems_pilots"] == 64
 
 
 def test_calibration_refuses_what_v3_cannot_replace() -> None:
@@ -141,8 +166,9 @@ def test_calibration_refuses_what_v3_cannot_replace() -> None:
     for bad in (DDIMSampler(sde, 4), DPMSolverSampler(sde, 4, interpolation="t")):
         with pytest.raises(ValueError, match="ems"):
             calibrate(gm.score_fn(sde), bad, **kw)
-    with pytest.raises(ValueError, match="ems_pilots"):
-        calibrate(gm.score_fn(sde), DPMSolverSampler(sde, 4), ems_pilots=1, **kw)
+    for name in ("ems_pilots", "test_pilots"):
+        with pytest.raises(ValueError, match=name):
+            calibrate(gm.score_fn(sde), DPMSolverSampler(sde, 4), **{name: 1}, **kw)
     good = calibrate(gm.score_fn(sde), DPMSolverSampler(sde, 4), data_shape=(3,), num_pilot=8,
                      max_evals=2).to_dict()  # fmt: skip
     with pytest.raises(ValueError, match="ems"):

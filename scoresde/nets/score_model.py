@@ -171,8 +171,8 @@ class ScoreModel(nn.Module):
                 it; see `scoresde.calibration.calibrate`), `num_pilot` (2048), `max_evals`,
                 `fit_pilots`, `fit_iterations`, `fit_batch` (pilots per Adam step of the
                 fit; default all), `test_pilots` (fresh draws that decide whether the fit
-                is kept; 16384), `ems_pilots` (trajectories for the statistics; 1024),
-                `generator`, `device` and `dtype` (default: the weights').
+                or the v3 plan is kept; 16384), `ems_pilots` (trajectories for the
+                statistics; 1024), `generator`, `device` and `dtype` (default: the weights').
         """
         from scoresde.calibration import calibrate
 

@@ -32,6 +32,7 @@ df/dlambda by central differences along each trajectory.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -302,12 +303,14 @@ def calibration_pilots(
     data_shape: tuple[int, ...],
     num_pilot: int,
     ems_pilots: int,
+    test_pilots: int,
     generator: torch.Generator | None,
     device: Any,
     dtype: torch.dtype,
 ) -> Tensor:
-    """The pilot draws of `calibrate(method="ems")` `[num_pilot + ems_pilots, *D]`: the grid
-    searches' (the same as method="grid"), then the statistics'."""
+    """The pilot draws of `calibrate(method="ems")` `[num_pilot + ems_pilots + test_pilots,
+    *D]`: the grid searches' (the same as method="grid"), the statistics', then the test's
+    (which decide between v3 and the tuned grid)."""
     from scoresde._validation import check_positive_int
     from scoresde.calibration import pilot_batches
     from scoresde.samplers.dpm_solver import DPMSolverSampler
@@ -325,48 +328,61 @@ def calibration_pilots(
     check_positive_int("num_pilot", num_pilot)
     if check_positive_int("ems_pilots", ems_pilots) < 2:
         raise ValueError(f"ems_pilots={ems_pilots} must be at least 2 (a regression)")
-    return pilot_batches(sampler.sde, data_shape, (num_pilot, ems_pilots), generator, device,
-                         dtype)  # fmt: skip
+    if check_positive_int("test_pilots", test_pilots) < 2:
+        raise ValueError(f"test_pilots={test_pilots} must be at least 2 (a paired test)")
+    sizes = (num_pilot, ems_pilots, test_pilots)
+    return pilot_batches(sampler.sde, data_shape, sizes, generator, device, dtype)
 
 
 def calibrate_plan(
     score: ScoreFn,
     sampler: Any,
-    grid: Tensor,
+    tuned: Any,
     info: dict[str, Any],
-    pilots: Tensor,
+    pilots: tuple[Tensor, Tensor, Tensor],
     x_ref: Tensor,
     max_evals: int | None,
+    reference_rtol: float,
 ) -> tuple[Tensor, dict[str, Any] | None, dict[str, Any]]:
-    """(the grid, the v3 plan or None, the record for `Calibration.extra`): statistics from
-    the pilots after the first len(x_ref), then the same grid search as for `grid` (same
-    pilots, references, start and budget) for DPM-Solver-v3 with the sampler's order,
-    corrector and lower_order_final. Kept if its pilot error is below the tuned grid's; else
-    the tuned grid stays and the plan is in `extra["rejected_ems"]`. `info` (the grid's
-    errors) is updated to the kept one's."""
-    from scoresde.samplers.schedules import optimize_time_grid
+    """(the grid, the v3 plan or None, the record for `Calibration.extra`: errors on the
+    pilots, `grid_error` / `ems_error`, and on the test pilots, `test_initial_error` (the tuned
+    grid's) / `test_error` (v3's) and the paired `test_gain_z`; `tuned_grid`). pilots: (the grid
+    searches' x_T, whose references are x_ref; the statistics'; the test's). The statistics,
+    then the same grid search as for `tuned` (the sampler on its tuned grid; same pilots,
+    references, start and budget) for DPM-Solver-v3 with the sampler's order, corrector and
+    lower_order_final. v3 is kept if its RMS error on the test pilots (references solved
+    apart) is below the tuned grid's: both were searched on the same pilots, so their pilot
+    errors favour whichever overfit them more. Else the tuned grid stays and the plan is in
+    `extra["rejected_ems"]`. `info` (the grid's errors) is updated to the kept one's."""
+    from scoresde.samplers.learned import _gain_z
+    from scoresde.samplers.schedules import optimize_time_grid, pathwise_sq_errors, pf_ode_reference
 
-    n, sde, start = x_ref.shape[0], sampler.sde, time.perf_counter()
+    (x_grid, x_stats, x_test), sde, start = pilots, sampler.sde, time.perf_counter()
     options = dict(order=sampler.order, corrector=sampler.corrector,
                    lower_order_final=sampler.lower_order_final)  # fmt: skip
-    probes = torch.Generator(device=pilots.device).manual_seed(_PROBE_SEED)  # not the global RNG
-    rtol = 1e-7 if pilots.dtype == torch.float64 else 1e-5  # as ScoreModel.calibrate's
+    probes = torch.Generator(device=x_stats.device).manual_seed(_PROBE_SEED)  # not the global RNG
+    rtol = 1e-7 if x_stats.dtype == torch.float64 else 1e-5  # as ScoreModel.calibrate's
     stats = EmpiricalModelStatistics.measure(
-        sde, score, pilots[n:], eps=sampler.eps, generator=probes, rtol=rtol
+        sde, score, x_stats, eps=sampler.eps, generator=probes, rtol=rtol
     )
     v3: dict[str, Any] = {}
     with torch.no_grad():
         v3_grid = optimize_time_grid(
-            lambda g: EMSSampler(sde, **stats.plan(g, **options)), score, sde, len(grid) - 1,
-            x_T=pilots[:n], x_ref=x_ref, init=sampler.time_grid, eps=sampler.eps,
-            max_evals=max_evals, dtype=pilots.dtype, info=v3,
+            lambda g: EMSSampler(sde, **stats.plan(g, **options)), score, sde,
+            tuned.num_steps, x_T=x_grid, x_ref=x_ref, init=sampler.time_grid, eps=sampler.eps,
+            max_evals=max_evals, dtype=x_grid.dtype, info=v3,
         )  # fmt: skip
-    plan = stats.plan(v3_grid, **options)
-    extra = dict(ems_pilots=int(pilots.shape[0] - n), ems_seconds=time.perf_counter() - start,
+        plan = stats.plan(v3_grid, **options)
+        ref = pf_ode_reference(sde, score, x_test, sampler.eps, rtol=reference_rtol)
+        sq = [pathwise_sq_errors(s, score, x_test, ref) for s in (tuned, EMSSampler(sde, **plan))]
+    errors = [math.sqrt(float(v.mean())) for v in sq]
+    extra = dict(ems_pilots=int(x_stats.shape[0]), ems_seconds=time.perf_counter() - start,
                  grid_error=info["error"], ems_initial_error=v3["initial_error"],
-                 ems_error=v3["error"])  # fmt: skip
-    if not v3["error"] < info["error"]:
-        return grid, None, {**extra, "rejected_ems": plan}
+                 ems_error=v3["error"], tuned_grid=tuned.time_grid.tolist(),
+                 test_pilots=int(x_test.shape[0]), test_initial_error=errors[0],
+                 test_error=errors[1], test_gain_z=_gain_z(sq[0], sq[1], moved=True))  # fmt: skip
+    if not errors[1] < errors[0]:
+        return tuned.time_grid, None, {**extra, "rejected_ems": plan}
     info["error"] = v3["error"]
     return torch.tensor(plan["times"], dtype=torch.float64), plan, extra
 
