@@ -83,6 +83,21 @@ def check_data(name: str, x: Any) -> Tensor:
     return x
 
 
+def check_finite(name: str, x: Tensor, where: str = "") -> Tensor:
+    """A user's input holds no NaN / Inf (else the solver would report it at some step, as if
+    the score were at fault). One host sync: for entry points, not for hot loops."""
+    if x.numel() == 0:
+        return x
+    bad = ~torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        raise ValueError(
+            f"{name} must be finite, but {rows.numel()} of its {x.shape[0]} rows hold NaN or "
+            f"Inf (the first: row {int(rows[0])}){where}"
+        )
+    return x
+
+
 def check_shape(shape: Any, name: str = "shape") -> tuple[int, ...]:
     """A sample shape `(B, *D)` of positive ints, rank >= 2."""
     if isinstance(shape, torch.Size):

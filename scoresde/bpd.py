@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from scoresde._typing import Tensor
-from scoresde._validation import check_choice, check_data, check_positive_int
+from scoresde._validation import check_choice, check_data, check_finite, check_positive_int
 
 __all__ = ["bits_per_dim", "dequantization_offset"]
 
@@ -78,7 +78,7 @@ def bits_per_dim(
     Returns:
         `[B]` bits per dimension.
     """
-    check_data("x", x)
+    check_finite("x", check_data("x", x))
     if not torch.is_tensor(logp) or logp.ndim != 1 or logp.shape[0] != x.shape[0]:
         shape = tuple(logp.shape) if torch.is_tensor(logp) else type(logp).__name__
         raise ValueError(f"logp must be a tensor of shape [B] = [{x.shape[0]}], got {shape}")

@@ -93,6 +93,7 @@ from scoresde._validation import (
     check_bool,
     check_choice,
     check_data,
+    check_finite,
     check_positive,
     check_positive_int,
     expand_like,
@@ -104,6 +105,14 @@ __all__ = ["inpaint", "pc_inpaint", "repaint_schedule", "KNOWN_NOISE", "INPAINT_
 KNOWN_NOISE = ("fresh", "fixed", "mean")
 INPAINT_METHODS = ("replace", "smc", "repaint")
 TWIST_GRADIENTS = ("autograd", "stop")
+
+
+def _known_values(x_known: Any, mask: Any) -> Tensor:
+    """x_known with its unknown entries (ignored; users may mark them NaN) set to 0, after
+    naming a NaN / Inf on the mask as the user's error rather than at some solver step."""
+    mask = _check_mask(mask, check_data("x_known", x_known))
+    known = torch.where(mask, x_known, 0.0)
+    return check_finite("x_known", known, ", where mask is True (elsewhere NaN is ignored)")
 
 
 def _check_mask(mask: Any, x_known: Tensor) -> Tensor:
@@ -325,6 +334,7 @@ def inpaint(
     check_choice("method", method, INPAINT_METHODS)
     check_bool("return_info", return_info)
     sde = _check_sampler(sampler)
+    x_known = _known_values(x_known, mask)
     if method != "smc" and particles is not None:
         raise ValueError(f"particles is only used by method='smc', got particles={particles!r}")
     if method != "replace" and callback is not None:
@@ -574,6 +584,7 @@ def pc_inpaint(
 
     if not isinstance(sampler, PCSampler):
         raise TypeError(f"sampler must be a PCSampler, got {type(sampler).__name__}")
+    x_known = _known_values(x_known, mask)
     replace = _prepare_inpainting(sampler.sde, x_known, mask, known_noise, generator)
     run = copy.copy(sampler)  # the user's sampler keeps its own predictor and corrector
     if sampler.predictor is not None:

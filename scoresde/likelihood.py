@@ -43,6 +43,7 @@ from scoresde._validation import (
     check_choice,
     check_data,
     check_eps,
+    check_finite,
     check_positive,
     check_positive_int,
     expand_like,
@@ -124,11 +125,11 @@ class LikelihoodResult:
 
 
 def _check_batch(x: Tensor) -> None:
-    """log_likelihood needs a non-empty batch in float32 or float64 (the adaptive solvers'
+    """log_likelihood needs a non-empty finite batch in float32 or float64 (the solvers'
     tolerances and the divergence's autograd are not meaningful in half precision)."""
-    check_data("x", x)
-    if x.shape[0] == 0:
+    if check_data("x", x).shape[0] == 0:
         raise ValueError(f"x must hold at least one sample, got shape {tuple(x.shape)}")
+    check_finite("x", x)
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x must be float32 or float64 for log_likelihood, got dtype {x.dtype}")
 
@@ -184,8 +185,7 @@ def _make_rhs(
 
 
 def _sigma_ends(sde: SDE, eps: float, x: Tensor) -> tuple[float, float, float, float]:
-    """(sigma_bar(eps), sigma_bar(T), alpha(eps), alpha(T)) as floats, computed in float64;
-    sigma_bar = sigma / alpha."""
+    """(sigma_bar(eps), sigma_bar(T), alpha(eps), alpha(T)) in float64; sigma_bar = sigma/alpha."""
     ts = torch.tensor([eps, sde.T], dtype=torch.float64)
     alpha, sigma = sde.alpha(ts), sde.sigma(ts)
     sb = sigma / alpha
@@ -546,7 +546,7 @@ def dataset_log_likelihood(
     Returns:
         `DatasetLikelihood`.
     """
-    check_data("data", data)
+    check_finite("data", check_data("data", data))
     batch_size = check_positive_int("batch_size", batch_size)
     if num_bins is not None:
         dequantization_offset(num_bins, data_range, convention)  # validate early

@@ -8,7 +8,13 @@ from typing import Any
 import torch
 
 from scoresde._typing import ScoreFn, Tensor
-from scoresde._validation import check_choice, check_data, check_positive_int, expand_like
+from scoresde._validation import (
+    check_choice,
+    check_data,
+    check_finite,
+    check_positive_int,
+    expand_like,
+)
 from scoresde.bpd import _bin_width, _check_data_range
 from scoresde.sdes import SDE
 
@@ -111,8 +117,9 @@ def ddpm_vlb(
     `score_fn` at the time of equal SNR (see `_chain_times`). The posterior is
     N(mu~, beta~_i I), beta~_i = beta_i (1 - abar_{i-1}) / (1 - abar_i), and
     mu~ - mu = beta_i (eps - noise) / sqrt(alpha_i (1 - abar_i)). With the reverse variance
-    `variance="beta_tilde"` (DDPM's "fixed small", the default) each KL is
-    beta_i |eps - noise|^2 / (2 alpha_i (1 - abar_{i-1})); with "beta" (fixed large) it adds
+    `variance="beta_tilde"` (DDPM's "fixed small") each KL is
+    beta_i |eps - noise|^2 / (2 alpha_i (1 - abar_{i-1})); with "beta" (fixed large, the
+    default) it adds
     the variance mismatch D (r - 1 - log r) / 2, r = beta~_i / beta_i.
 
     Decoder (step 0, std sqrt(beta_0), the same mean formula):
@@ -146,7 +153,7 @@ def ddpm_vlb(
     """
     _check_score_fn(score_fn)
     abar64, betas64 = _check_chain(sde)
-    check_data("x", x)
+    check_finite("x", check_data("x", x))
     check_choice("decoder", decoder, DECODERS)
     check_choice("variance", variance, VARIANCES)
     _check_generator(generator)

@@ -349,3 +349,28 @@ def test_inpaint_argument_errors():
         inpaint(ODESampler(SDE_, method="dopri5"), score, x_known, mask)
     with pytest.raises(ValueError, match="x_init"):
         inpaint(sampler, score, x_known, mask, x_init=torch.zeros(3, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["replace", "smc", "repaint", "pc"])
+def test_unknown_entries_may_be_nan_but_known_ones_must_be_finite(method):
+    """Users mark what they do not know with NaN: ignored, the same samples as with zeros
+    there. A NaN on the mask is their error, named as x_known (not blamed on the score)."""
+    x_known, mask = _known(0.0, n=4)
+    holey = torch.where(mask.expand_as(x_known), x_known, torch.nan)
+    score = GM.score_fn(SDE_)
+
+    def run(x):
+        if method == "pc":
+            return pc_inpaint(PCSampler(SDE_, num_steps=30), score, x, mask,
+                              generator=torch.Generator().manual_seed(2))  # fmt: skip
+        kw = dict(particles=4) if method == "smc" else {}
+        sampler = DDIMSampler(SDE_, num_steps=6, eta=1.0)  # smc and repaint need noise
+        return inpaint(sampler, score, x, mask, method=method,
+                       generator=torch.Generator().manual_seed(2), **kw)  # fmt: skip
+
+    zeros = torch.where(mask.expand_as(x_known), x_known, 0.0)
+    assert torch.equal(run(holey), run(zeros)) and torch.isfinite(run(holey)).all()
+    bad = x_known.clone()
+    bad[2, mask.expand_as(x_known)[2]] = torch.nan
+    with pytest.raises(ValueError, match=r"x_known must be finite.*row 2.*where mask is True"):
+        run(bad)

@@ -362,3 +362,14 @@ def test_preconditioning_arguments():
         "sigma_data": 0.5,
     }
     assert "preconditioning='none'" in repr(m)
+
+
+def test_input_of_another_dtype_than_the_weights_is_a_clear_type_error() -> None:
+    """A float32 model fed float64 (what samplers do with dtype=torch.float64): a TypeError
+    saying what to do, not torch's "mat1 and mat2 must have the same dtype"."""
+    model = ScoreModel(MLPScoreNet(2, hidden=8, num_blocks=1), VPSDE())
+    x, t = torch.zeros(3, 2, dtype=torch.float64), torch.full((3,), 0.5, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"x is torch.float64 but the model's weights are "
+                                        r"torch.float32.*model.double\(\)"):  # fmt: skip
+        model(x, t)
+    assert model.double()(x, t).dtype == torch.float64

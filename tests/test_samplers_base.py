@@ -280,3 +280,15 @@ def test_time_tensors_made_under_inference_mode_work_with_autograd() -> None:
 
     out = sampler.sample(grad_score, (4, 2), generator=gen())
     assert torch.isfinite(out).all()
+
+
+def test_a_nan_in_the_users_x_init_is_named_not_blamed_on_the_score() -> None:
+    from scoresde.samplers import SAMPLERS
+
+    sde, gm = VPSDE(), benchmark_mixture_2d()
+    x_init = torch.zeros(5, 2)
+    x_init[3, 1] = torch.inf
+    for name, cls in SAMPLERS.items():
+        sampler = cls(sde) if name == "adaptive" else cls(sde, num_steps=30)
+        with pytest.raises(ValueError, match=r"x_init must be finite.*1 of its 5 rows.*row 3"):
+            sampler.sample(gm.score_fn(sde), None, x_init=x_init)

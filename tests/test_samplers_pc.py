@@ -456,3 +456,19 @@ def test_sde_type_is_checked() -> None:
         PCSampler("vp")
     with pytest.raises(TypeError, match="sde"):
         EulerMaruyamaSampler(None)
+
+
+def test_chains_too_short_to_mean_anything_are_refused() -> None:
+    """Under VP, 2-5 steps give betas >= 1 and one step gives the degenerate chain [beta_min]
+    (its one step leaves near-prior noise): refused for the samplers that use the chain;
+    Euler-Maruyama, which does not, still runs (badly, as any 1-step solver)."""
+    sde = VPSDE()
+    for n in (1, 2, 5):
+        with pytest.raises(ValueError, match=rf"num_steps={n} is too few for the discrete chain"):
+            PCSampler(sde, num_steps=n)
+    with pytest.raises(ValueError, match="a chain of one step is degenerate"):
+        PCSampler(sde, num_steps=1, corrector=None)
+    x = PCSampler(sde, "euler_maruyama", corrector=None, num_steps=1).sample(
+        lambda x, t: -x, (3, 2), generator=torch.Generator().manual_seed(0)
+    )
+    assert x.shape == (3, 2) and torch.isfinite(x).all()

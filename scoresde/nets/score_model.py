@@ -225,6 +225,13 @@ class ScoreModel(nn.Module):
         return c_in, -1 / s_d2, alpha * sd / (sigma * s_d)  # "score"
 
     def _raw(self, x: Tensor, t: Tensor, y: Tensor | None, c_in: Tensor) -> Tensor:
+        weight = next((p for p in self.net.parameters() if p.is_floating_point()), None)
+        if weight is not None and weight.dtype != x.dtype and not torch.is_autocast_enabled():
+            # torch's own error ("mat1 and mat2 must have the same dtype") names neither
+            raise TypeError(
+                f"x is {x.dtype} but the model's weights are {weight.dtype}: convert the "
+                f"model (model.to({x.dtype}), e.g. model.double()) or pass x as {weight.dtype}"
+            )
         inp = c_in * x
         out = self.net(inp, t) if y is None else self.net(inp, t, y)
         if out.shape != x.shape:

@@ -31,6 +31,7 @@ from scoresde._validation import (
     broadcast_time,
     check_bool,
     check_data,
+    check_finite,
     check_shape,
     resolve_device_dtype,
 )
@@ -380,7 +381,7 @@ class Sampler(abc.ABC):
         score = CountedScore(score_fn)
         batch_invariant = check_bool("batch_invariant", batch_invariant)
         if x_init is not None:
-            check_data("x_init", x_init)
+            check_finite("x_init", check_data("x_init", x_init))
             _check_shape_matches(shape, x_init)
             shape = tuple(x_init.shape)
             device, dtype = x_init.device, x_init.dtype

@@ -491,21 +491,21 @@ class PCSampler(Sampler):
         self.reference_nfe = 0
 
     def _check_chain(self) -> None:
-        """A VP chain with few steps has betas >= 1 (DDPM's beta_max / N): its reverse step,
-        ancestral step and Langevin alpha_i = 1 - beta_i are then undefined (NaN)."""
+        """A VP chain with few steps has betas >= 1 (beta_max / N): its reverse, ancestral and
+        Langevin steps are then NaN. With one step its one beta is beta_min: a no-op chain."""
         betas = getattr(self._chain, "discrete_betas", None)
-        if betas is None or float(betas.max()) < 1:
+        if betas is None or (float(betas.max()) < 1 and self.num_steps > 1):
             return
         tables = (ReverseDiffusionPredictor, AncestralSamplingPredictor)
         uses = isinstance(self.corrector, (LangevinCorrector, AnnealedLangevinCorrector)) or (
             isinstance(self.predictor, tables) and self._chain.has_ddpm_chain
         )
         if uses:
-            raise ValueError(
-                f"num_steps={self.num_steps} is too few for the discrete chain of "
-                f"{type(self.sde).__name__}: its betas reach {float(betas.max()):.3g} >= 1; "
-                "use more steps, or the 'euler_maruyama' predictor without a corrector"
-            )
+            why = f"its betas reach {float(betas.max()):.3g} >= 1"
+            why = "a chain of one step is degenerate" if self.num_steps == 1 else why
+            raise ValueError(f"num_steps={self.num_steps} is too few for the discrete chain of "
+                             f"{type(self.sde).__name__}: {why}; use more steps, or the "
+                             "'euler_maruyama' predictor without a corrector")  # fmt: skip
 
     def _sample(self, ctx: SamplingContext, x: Tensor) -> Tensor:
         sde = self._chain
