@@ -62,10 +62,32 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+class _NoteGiven(argparse.Action):
+    """Store the value (`const` for a flag, nargs=0) and add the option's dest to
+    `args.given`: `train --resume` must tell a value the user typed from a default, to warn
+    about the settings it ignores (a default equal to the stored value is no news)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+
+
 def _common(parser: argparse.ArgumentParser, *, seed: bool = True) -> None:
     """Options shared by the subcommands that compute."""
     if seed:
-        parser.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default 0)")
+        parser.add_argument(
+            "--seed",
+            type=_nonneg_int,
+            default=0,
+            action=_NoteGiven,
+            help="random seed (default 0)",
+        )
     parser.add_argument(
         "--device",
         default="auto",
@@ -123,25 +145,66 @@ def _check_sample_outputs(out: Path, overwrite: bool) -> None:
         )
 
 
-def _save_samples_npz(out: Path, samples: Any) -> None:
-    """np.savez(out, samples=...) atomically (temp file + os.replace), with the mark of
-    `_written_by_sample`."""
+def _check_output_path(option: str, path: Path, *, folder: bool = False) -> None:
+    """Before any work: the folder that will hold the output `path` (`path` itself when
+    `folder`) exists or can be created, and takes new files; a file output is not a folder.
+    Otherwise a bad --out would fail only after the sampling or training, naming a temp file.
+    Errors name the option and the user's path."""
+    import tempfile
+
+    where = path if folder else path.parent
+
+    def refuse(reason: str) -> NoReturn:
+        raise ValueError(f"{option} {str(path)!r}: {reason}")
+
+    if not folder and path.is_dir():
+        refuse("is a folder; give a file name")
+    for parent in (where, *where.parents):  # the nearest existing one must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                where_file = "" if parent == path else f"{str(parent)!r} "
+                refuse(f"{where_file}is a file, not a folder")
+            break
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        # A probe file: a folder may exist and still refuse new files (read-only, /proc).
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=where)
+    except OSError as exc:
+        refuse(f"cannot write in the folder {str(where)!r}: {exc.strerror or exc}")
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _save_npz(out: Path, option: str, mark: bytes | None = None, **arrays: Any) -> None:
+    """np.savez(out, **arrays) atomically (temp file + os.replace), with the zip comment
+    `mark` when given (`_written_by_sample`). A failure names `option` and `out`, not the
+    temp file."""
     import tempfile
     import zipfile
 
     import numpy as np
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, samples=samples)
-        with zipfile.ZipFile(tmp, "a") as z:
-            z.comment = _SAMPLES_MARK
+            np.savez(f, **arrays)
+        if mark is not None:
+            with zipfile.ZipFile(tmp, "a") as z:
+                z.comment = mark
         os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OSError(f"{option} {str(out)!r}: cannot write: {exc.strerror or exc}") from exc
         raise
+
+
+def _save_samples_npz(out: Path, samples: Any) -> None:
+    """`sample`'s --out: the array 'samples', with the mark of `_written_by_sample`."""
+    _save_npz(out, "--out", _SAMPLES_MARK, samples=samples)
 
 
 def _check_new_run_folder(ckpt_dir: Path, overwrite: bool) -> None:

@@ -8,7 +8,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scoresde.cli._common import _common, _generator, _positive_int, _say, _setup_torch
+from scoresde.cli._common import (
+    _check_output_path,
+    _checked_number,
+    _common,
+    _generator,
+    _positive_int,
+    _save_npz,
+    _say,
+    _setup_torch,
+)
+
+# The quality metrics compare sample sets (sliced W2 needs two samples or more): a smaller
+# --num is refused by the parser, not after the training.
+_sample_count = _checked_number(int, lambda v: v >= 2, "an integer >= 2")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -34,7 +47,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--train-steps", type=_positive_int, default=None, help="training steps (4000; 400 quick)"
     )
-    p.add_argument("--num", type=_positive_int, default=None, help="samples per solver")
+    p.add_argument("--num", type=_sample_count, default=None, help="samples per solver (2 or more)")
     p.add_argument("--quick", action="store_true", help="a ~15 s run (fewer steps and samples)")
     _common(p)
     p.set_defaults(func=_cmd_demo)
@@ -160,7 +173,6 @@ def _demo_sample(
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     from scoresde import plotting, toy
@@ -177,7 +189,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.num is not None:
         cfg["num"] = args.num
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_output_path("--out", out, folder=True)
     model, trainer, scaler, train_s = _demo_train(args, name, cfg, device, out)
     sde, score = model.sde, trainer.ema_model
     mixture = getattr(toy, _EXACT_MIXTURES[name])() if name in _EXACT_MIXTURES else None
@@ -200,8 +212,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     panels: dict[str, Any] = {}
     _demo_sample(args, sde, score, scaler, cfg, device, quality, panels, rows)
 
-    np.savez(
+    _save_npz(
         out / "samples.npz",
+        "--out",
         data=fresh.numpy(),
         **{f"solver{i}": v.numpy() for i, v in enumerate(panels.values())},
     )

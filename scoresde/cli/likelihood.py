@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from scoresde.cli._common import (
+    _check_output_path,
     _common,
     _load_checkpoint,
     _positive_float,
     _positive_int,
+    _save_npz,
     _say,
     _setup_torch,
 )
@@ -130,6 +132,11 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
     from scoresde.likelihood import dequantization_offset
 
     device = _setup_torch(args)
+    per_point = None if args.per_point is None else Path(args.per_point)
+    if per_point is not None:  # before any work, as `sample --out`: np.savez adds .npz
+        if per_point.suffix != ".npz":
+            raise ValueError(f"--per-point must name an .npz file, got {args.per_point!r}")
+        _check_output_path("--per-point", per_point)
     info, device = sdist.setup(None, device)  # under torchrun: join the process group
     model, scaler, cfg = _load_checkpoint(args.checkpoint, device, ema=not args.no_ema)
     data_shape = tuple(cfg["model"]["data_shape"])
@@ -188,12 +195,8 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
         f"{bpd.numel()} points of {source}: {mean:.4f} +- {se:.4f} bits/dim "
         f"({what}; {trace} trace, {nfe} NFE)"
     )
-    if args.per_point is not None:
-        import numpy as np
-
-        per_point = Path(args.per_point)
-        per_point.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(per_point, logp=(logp - log_det).numpy(), bpd=bpd.numpy())
+    if per_point is not None:
+        _save_npz(per_point, "--per-point", logp=(logp - log_det).numpy(), bpd=bpd.numpy())
         _say(args, f"per-point values -> {per_point}")
     sdist.shutdown()
     return 0

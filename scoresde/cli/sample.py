@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from scoresde.cli._common import (
+    _check_output_path,
     _check_sample_outputs,
     _common,
     _load_checkpoint,
@@ -109,6 +110,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ValueError(f"--out must name an .npz file, got {args.out!r}")
+    _check_output_path("--out", out)
     _check_sample_outputs(out, args.overwrite)
     info, device = sdist.setup(None, device)  # under torchrun: join the process group
     model, scaler, cfg = _load_checkpoint(args.checkpoint, device, ema=not args.no_ema)

@@ -23,6 +23,7 @@ from scoresde.cli._common import (
     _load_training_data,
     _max_pairwise_distance,
     _nonneg_int,
+    _NoteGiven,
     _overwrite_option,
     _plot_samples,
     _positive_float,
@@ -30,6 +31,7 @@ from scoresde.cli._common import (
     _say,
     _setup_torch,
 )
+from scoresde.cli._resume import _recorded_source, _resumed_run
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -47,72 +49,49 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
             "ScoreModel.from_pretrained)."
         ),
     )
-    _add_data_and_model_options(p)
+    _add_data_options(p)
+    _add_model_options(p)
     _add_training_options(p)
     _overwrite_option(p, "start a new run in a --ckpt-dir that is not empty (replacing files)")
     _common(p)
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, given=frozenset())
     return p
 
 
-def _add_data_and_model_options(p: argparse.ArgumentParser) -> None:
-    """`train`'s data, SDE, network and scaling options."""
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    """`train`'s data and scaling options."""
     p.add_argument(
         "data",
+        nargs="?",
+        default=None,
         help="toy-set name (8gaussians, mixture3, two_moons, swiss_roll, checkerboard, "
         "circles, digits) or a path: .npy, .npz, .pt, .csv, .tsv (numeric columns; a header "
-        "row is detected), or a folder of images",
+        "row is detected), or a folder of images; with --resume optional (default: the run's "
+        "stored data)",
     )
     p.add_argument(
         "--key",
+        action=_NoteGiven,
         default=None,
         help="array name inside a .npz/.pt file; for .csv/.tsv the columns to use (a,b,c)",
     )
-    p.add_argument("--num-data", type=_positive_int, default=None, help="use N samples of data")
-    p.add_argument("--image-size", type=_positive_int, default=None, help="resize images to S x S")
-    p.add_argument("--sde", choices=SDE_NAMES, default="vp", help="forward SDE (default vp)")
     p.add_argument(
-        "--sigma-max",
-        type=_positive_float,
+        "--num-data",
+        action=_NoteGiven,
+        type=_positive_int,
         default=None,
-        help="VE SDE's sigma_max (default: the largest distance between training points)",
+        help="use N samples of data",
     )
     p.add_argument(
-        "--net",
-        choices=NET_NAMES,
-        default="auto",
-        help="network: mlp for flat data, unet for images [B, C, H, W] (default auto)",
-    )
-    p.add_argument(
-        "--param",
-        choices=PARAMETERIZATIONS,
-        default="eps",
-        help="network output: eps (default, DDPM's), v, x0, score (with the Gaussian "
-        "preconditioning every one works with every sampler)",
-    )
-    p.add_argument(
-        "--preconditioning",
-        choices=PRECONDITIONINGS,
-        default="gaussian",
-        help="gaussian (default): the network predicts a residual over the optimal denoiser "
-        "of N(0, sigma_data^2) data (EDM-style); none: the raw network output",
-    )
-    p.add_argument(
-        "--sigma-data",
-        type=_positive_float,
+        "--image-size",
+        action=_NoteGiven,
+        type=_positive_int,
         default=None,
-        help="data std the gaussian preconditioning assumes (default: the std of the scaled "
-        "training data)",
-    )
-    p.add_argument("--hidden", type=_positive_int, default=256, help="MLP width (default 256)")
-    p.add_argument(
-        "--blocks", type=_positive_int, default=4, help="MLP residual blocks (default 4)"
-    )
-    p.add_argument(
-        "--channels", type=_int_list, default=(32, 64), help="U-Net channels per level (32,64)"
+        help="resize images to S x S",
     )
     p.add_argument(
         "--scaling",
+        action=_NoteGiven,
         choices=("auto", "minmax", "standard", "none"),
         default="auto",
         help="data scaling: minmax onto [-1, 1] (auto for images), standard: zero mean and "
@@ -120,8 +99,77 @@ def _add_data_and_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--per-feature",
-        action="store_true",
+        action=_NoteGiven,
+        nargs=0,
+        const=True,
+        default=False,
         help="scale every feature (entry of a sample) separately, e.g. table columns",
+    )
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """`train`'s SDE and network options."""
+    p.add_argument(
+        "--sde", action=_NoteGiven, choices=SDE_NAMES, default="vp", help="forward SDE (default vp)"
+    )
+    p.add_argument(
+        "--sigma-max",
+        action=_NoteGiven,
+        type=_positive_float,
+        default=None,
+        help="VE SDE's sigma_max (default: the largest distance between training points)",
+    )
+    p.add_argument(
+        "--net",
+        action=_NoteGiven,
+        choices=NET_NAMES,
+        default="auto",
+        help="network: mlp for flat data, unet for images [B, C, H, W] (default auto)",
+    )
+    p.add_argument(
+        "--param",
+        action=_NoteGiven,
+        choices=PARAMETERIZATIONS,
+        default="eps",
+        help="network output: eps (default, DDPM's), v, x0, score (with the Gaussian "
+        "preconditioning every one works with every sampler)",
+    )
+    p.add_argument(
+        "--preconditioning",
+        action=_NoteGiven,
+        choices=PRECONDITIONINGS,
+        default="gaussian",
+        help="gaussian (default): the network predicts a residual over the optimal denoiser "
+        "of N(0, sigma_data^2) data (EDM-style); none: the raw network output",
+    )
+    p.add_argument(
+        "--sigma-data",
+        action=_NoteGiven,
+        type=_positive_float,
+        default=None,
+        help="data std the gaussian preconditioning assumes (default: the std of the scaled "
+        "training data)",
+    )
+    p.add_argument(
+        "--hidden",
+        action=_NoteGiven,
+        type=_positive_int,
+        default=256,
+        help="MLP width (default 256)",
+    )
+    p.add_argument(
+        "--blocks",
+        action=_NoteGiven,
+        type=_positive_int,
+        default=4,
+        help="MLP residual blocks (default 4)",
+    )
+    p.add_argument(
+        "--channels",
+        action=_NoteGiven,
+        type=_int_list,
+        default=(32, 64),
+        help="U-Net channels per level (32,64)",
     )
 
 
@@ -130,17 +178,30 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--steps", type=_positive_int, default=5000, help="training steps in total (default 5000)"
     )
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="batch size (256)")
+    p.add_argument(
+        "--batch-size", action=_NoteGiven, type=_positive_int, default=256, help="batch size (256)"
+    )
     p.add_argument(
         "--lr",
+        action=_NoteGiven,
         type=_positive_float,
         default=None,
         help="learning rate (default 1e-3 for the MLP, 2e-4 for the U-Net)",
     )
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights (0.999)")
+    p.add_argument(
+        "--ema",
+        action=_NoteGiven,
+        type=float,
+        default=0.999,
+        help="EMA decay of the weights (0.999)",
+    )
     p.add_argument("--ckpt-dir", default="scoresde-run", help="checkpoint folder (./scoresde-run)")
     p.add_argument(
-        "--ckpt-every", type=_positive_int, default=1000, help="steps between checkpoints (1000)"
+        "--ckpt-every",
+        action=_NoteGiven,
+        type=_positive_int,
+        default=1000,
+        help="steps between checkpoints (1000)",
     )
     p.add_argument(
         "--plot-every",
@@ -151,7 +212,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --ckpt-dir up to --steps, with its stored settings",
+        help="continue the run in --ckpt-dir up to --steps, with its stored settings (other "
+        "values given are ignored, with a warning); DATA, --key, --num-data and --image-size "
+        "given replace the stored ones (the samples' shape must be the run's)",
     )
 
 
@@ -180,21 +243,6 @@ def _periodic_plot(ckpt_dir: Path, data_shape: Sequence[int], scaler: Any, seed:
         _plot_samples(x, path, f"step {trainer.step}", scaler)
 
     return callback
-
-
-def _resumed_run(args: argparse.Namespace, ckpt_dir: Path, device: Any) -> tuple[Any, Any, Any]:
-    """(Trainer, unscaled data, scaler) of the run in `ckpt_dir`, with its stored settings."""
-    from scoresde.training import Trainer
-
-    trainer = Trainer.from_checkpoint(ckpt_dir, device=device, distributed=None)
-    cli = trainer.user_config.get("cli") or {}
-    if not cli:
-        raise ValueError(f"{ckpt_dir} was not written by 'scoresde train'; cannot resume")
-    data_args = argparse.Namespace(**{**vars(args), **cli["data_args"]})
-    x = _load_training_data(data_args)
-    scaler = trainer.data_scaler
-    _say(args, f"resuming at step {trainer.step} from {ckpt_dir}")
-    return trainer, x, scaler
 
 
 def _new_run(args: argparse.Namespace, ckpt_dir: Path, device: Any) -> tuple[Any, Any, Any]:
@@ -235,7 +283,7 @@ def _new_run(args: argparse.Namespace, ckpt_dir: Path, device: Any) -> tuple[Any
         sigma_data=sigma_data,
     )
     data_args = {
-        "data": args.data,
+        "data": _recorded_source(args.data),  # absolute: --resume may run in another folder
         "key": args.key,
         "num_data": args.num_data,
         "image_size": args.image_size,
@@ -268,6 +316,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     progress = not args.quiet
     _check_ckpt_dir_is_folder(ckpt_dir)
     if not args.resume:
+        if args.data is None:
+            raise ValueError("give the training data DATA (a toy-set name or a path)")
         _check_new_run_folder(ckpt_dir, args.overwrite)
     if args.resume:
         trainer, x, scaler = _resumed_run(args, ckpt_dir, device)
@@ -277,7 +327,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if remaining <= 0:
         _say(args, f"nothing to do: the checkpoint is at step {trainer.step} >= --steps")
         return 0
-    plot_every = args.ckpt_every if args.plot_every is None else args.plot_every
+    # "At checkpoints": the run's own interval (a resumed run keeps its stored one).
+    plot_every = trainer.checkpoint_every if args.plot_every is None else args.plot_every
     callback = None
     if plot_every:
         shape = tuple(x.shape[1:])
