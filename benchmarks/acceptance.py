@@ -196,8 +196,12 @@ def markdown(rows: list[dict], n: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_cases(name: str, cases: list, judge, markdown, network_setting) -> None:
+    """The command line of this benchmark and of ems_keep.py: for each (label, SDE, mixture
+    spec, setting) of `cases`, then for the moons and circles MLPs (with `network_setting`),
+    `judge(label, score, sde, dim, z, ref, setting)` on n fresh paths (solved once per
+    target), writing `name`.json and `name`.md after each row."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -206,23 +210,27 @@ def main() -> None:
 
     def write() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "acceptance.json").write_text(json.dumps(rows, indent=1))
-        (args.out / "acceptance.md").write_text(markdown(rows, args.n))
+        (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+        (args.out / f"{name}.md").write_text(markdown(rows, args.n))
 
     paths: dict = {}
-    for label, kind, spec, fit_pilots in CASES:
+    for label, kind, spec, setting in cases:
         gm, sde = random_mixture(**spec), T.make_sde(kind)
         key = (kind, tuple(spec.values()))
         if key not in paths:
             paths[key] = few_step.prior_paths(sde, gm, args.n)
         z, ref = paths[key]
-        rows.append(judge(label, CountingScore(sde, gm), sde, gm.dim, z, ref, fit_pilots))
+        rows.append(judge(label, CountingScore(sde, gm), sde, gm.dim, z, ref, setting))
         write()
     for dataset in ("moons", "circles"):
         net, sde = train_mlp(dataset)
         z, ref = few_step.network_paths(net, sde, args.n)
-        rows.append(judge(f"{dataset} MLP (trained)", net, sde, 2, z, ref, 4096))
+        rows.append(judge(f"{dataset} MLP (trained)", net, sde, 2, z, ref, network_setting))
         write()
+
+
+def main() -> None:
+    run_cases("acceptance", CASES, judge, markdown, 4096)
 
 
 if __name__ == "__main__":

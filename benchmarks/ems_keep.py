@@ -17,8 +17,6 @@ statistics on 96), and four more made up for this benchmark before anything was 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,8 +27,6 @@ import acceptance  # noqa: E402
 import few_step  # noqa: E402
 
 from scoresde import DPMSolverSampler  # noqa: E402
-from scoresde.bench import targets as T  # noqa: E402
-from scoresde.bench.peers import CountingScore  # noqa: E402
 from scoresde.calibration import calibrate  # noqa: E402
 from scoresde.samplers.ems import EMSSampler  # noqa: E402
 
@@ -129,32 +125,7 @@ def markdown(rows: list[dict], n: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=10_000)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    rows: list[dict] = []
-
-    def write() -> None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "ems_keep.json").write_text(json.dumps(rows, indent=1))
-        (args.out / "ems_keep.md").write_text(markdown(rows, args.n))
-
-    paths: dict = {}
-    for label, kind, spec, pilots in CASES:
-        gm, sde = acceptance.random_mixture(**spec), T.make_sde(kind)
-        key = (kind, tuple(spec.values()))
-        if key not in paths:
-            paths[key] = few_step.prior_paths(sde, gm, args.n)
-        z, ref = paths[key]
-        rows.append(judge(label, CountingScore(sde, gm), sde, gm.dim, z, ref, pilots))
-        write()
-    for dataset in ("moons", "circles"):
-        net, sde = acceptance.train_mlp(dataset)
-        z, ref = few_step.network_paths(net, sde, args.n)
-        rows.append(judge(f"{dataset} MLP (trained)", net, sde, 2, z, ref, "default"))
-        write()
+    acceptance.run_cases("ems_keep", CASES, judge, markdown, "default")
 
 
 if __name__ == "__main__":
