@@ -59,9 +59,17 @@ def _to_tensor(name: str, array: Any, dtype: torch.dtype) -> Tensor:
         )
     if t.shape[0] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-    t = t.to(dtype)
-    check_finite_rows(name, t)
-    return t
+    check_finite_rows(name, t)  # in the source's own precision, before the cast
+    cast = t.to(dtype)
+    if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
+        bad = ~torch.isfinite(cast.reshape(cast.shape[0], -1)).all(dim=1)
+        row = int(bad.nonzero()[0])
+        big = float(t[row].abs().max())
+        raise ValueError(
+            f"{name} holds values beyond the range of {dtype}: row {row} (of {int(bad.sum())} "
+            f"such rows) has {big:.3g}; load it with dtype=torch.float64 (or rescale it first)"
+        )
+    return cast
 
 
 def _to_labels(name: str, labels: Any, n: int) -> Tensor:
@@ -240,7 +248,8 @@ def _load_table(
 
     The first row is a header when any of its cells is not a number. `key` picks the
     feature columns (names or 0-based positions, as a list or a comma-separated string;
-    default: every column but the labels), `labels_key` the column of class labels.
+    default: every column but the labels and a first column with an empty header, the
+    index that pandas writes), `labels_key` the column of class labels.
     """
     rows, lines = _read_rows(path, delimiter)
     if not rows:
@@ -269,7 +278,10 @@ def _load_table(
         None if labels_key is None else _select_column(path, "labels_key", labels_key, names)
     )
     if key is None:
-        chosen = [i for i in range(width) if i != label_index]
+        # A first column with an empty header is the row index pandas' `to_csv` writes, not
+        # a feature (pick it explicitly with `key` if it is one).
+        skip = {0} if header and names[0].strip() == "" and width > 1 else set()
+        chosen = [i for i in range(width) if i != label_index and i not in skip]
     else:
         wanted = key.split(",") if isinstance(key, str) else list(key)
         chosen = [
@@ -305,8 +317,9 @@ def load_data(
             (`[N, F]`; a first row with any non-numeric cell is the header; `key` picks
             feature columns by name or 0-based position, as a list or "a,b,c"; `labels_key`
             names a column of class labels, text categories numbered in sorted order; a
-            non-numeric feature column or a missing / NaN / Inf value is refused, naming the
-            column and line); a folder of images
+            first column with an empty header, the index pandas' `to_csv` writes, is not a
+            feature unless `key` picks it; a non-numeric feature column or a missing / NaN /
+            Inf value is refused, naming the column and line); a folder of images
             (`[N, C, H, W]` pixel values 0..255; labels from class sub-folders when there
             are several); or a toy-set name of `scoresde.toy.make_dataset` ("two_moons",
             "digits", ...), for which `n` samples are drawn with `seed` ("digits" without

@@ -45,13 +45,21 @@ def new_figure(width: float, height: float) -> Any:
 def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
     """Write `fig` as a PNG to `path` (parent folders are created) and return the path.
 
-    The file is written to a temporary name and renamed, so a reader never sees half a PNG.
+    The file is written to a temporary file of its own (two processes saving the same plot
+    never share one) and renamed, so a reader never sees half a PNG; on failure it is removed.
     """
+    import tempfile
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

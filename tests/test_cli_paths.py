@@ -134,6 +134,33 @@ def test_likelihood_per_point_is_an_npz(here: Path, capsys: pytest.CaptureFixtur
     assert "-> pp.npz" in capsys.readouterr().out
     with np.load("pp.npz") as z:
         assert z["logp"].shape == z["bpd"].shape == (5,)
+    assert _run([*argv, "--per-point", "pp.npz"]) == 0  # its own output: replaced
+    np.savez("mine.npz", logp=np.zeros(3))  # a user's file of that name: kept
+    assert _run([*argv, "--per-point", "mine.npz"]) == 1
+    error = _error(capsys)
+    assert (
+        "--per-point 'mine.npz' already exists and was not written by 'scoresde likelihood'"
+        in error
+    )
+    assert "--overwrite" in error
+    assert np.load("mine.npz")["logp"].shape == (3,)
+    assert _run([*argv, "--per-point", "mine.npz", "--overwrite"]) == 0
+    assert np.load("mine.npz")["logp"].shape == (5,)
+
+
+def test_likelihood_of_another_file_reads_the_key_of_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "train.npz", feats=rng.standard_normal((100, 2)), ids=np.arange(100))
+    np.savez(tmp_path / "test.npz", ids=np.arange(7), feats=rng.standard_normal((7, 2)))
+    run = tmp_path / "run"
+    argv = ["train", str(tmp_path / "train.npz"), "--key", "feats", "--ckpt-dir", str(run)]
+    assert _run([*argv, "--steps", "3", *FAST]) == 0
+    argv = ["likelihood", str(run), str(tmp_path / "test.npz"), "--num", "7", "--device", "cpu"]
+    assert _run(argv) == 0
+    out = capsys.readouterr().out
+    assert "reading --key 'feats'" in out and "7 points of" in out
 
 
 @pytest.mark.parametrize(

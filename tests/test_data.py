@@ -177,6 +177,18 @@ def test_csv_with_header_and_labels_and_tsv_without(tmp_path: Path) -> None:
     assert x.tolist() == [[1.0], [2.0]] and y.tolist() == [1, 0]
 
 
+def test_the_index_column_pandas_writes_is_not_a_feature(tmp_path: Path) -> None:
+    """`DataFrame.to_csv` starts each row with the index under an empty header cell."""
+    (tmp_path / "p.csv").write_text(",a,b,kind\n0,1.5,2,x\n1,3.5,4,y\n2,5.5,6,x\n")
+    x, y = load_data(tmp_path / "p.csv", labels_key="kind")
+    assert x.tolist() == [[1.5, 2.0], [3.5, 4.0], [5.5, 6.0]] and y.tolist() == [0, 1, 0]
+    x, _ = load_data(tmp_path / "p.csv", key=[0, 1])  # picked by position, it is read
+    assert x[:, 0].tolist() == [0.0, 1.0, 2.0]
+    # A named first column, or a table without a header, keeps every column.
+    (tmp_path / "q.csv").write_text("i,a\n0,1\n1,2\n")
+    assert load_data(tmp_path / "q.csv")[0].shape == (2, 2)
+
+
 def test_csv_errors_name_the_column_or_line(tmp_path: Path) -> None:
     def write(name: str, text: str) -> Path:
         (tmp_path / name).write_text(text)

@@ -65,6 +65,19 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))  # written atomically, nothing left behind
 
 
+def test_a_failed_save_keeps_the_old_png_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    class Broken:
+        def savefig(self, f, **kwargs) -> None:
+            f.write(b"half a png")
+            raise RuntimeError("renderer crashed")
+
+    (tmp_path / "p.png").write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="renderer crashed"):
+        plotting.save_figure(Broken(), tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes() == b"old"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["p.png"]
+
+
 def test_bad_shapes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\[N, 2\]"):
         plotting.plot_samples_2d({"x": torch.zeros(5, 3)}, tmp_path / "x.png")

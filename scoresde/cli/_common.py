@@ -112,31 +112,40 @@ def _overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
 
 # --- not overwriting a user's files -------------------------------------------------------------
 
-# `sample` marks the .npz files it writes with this zip comment (np.load ignores it), so that
-# re-running a command may replace its own output but never a user's file of the same name.
+# `sample` and `likelihood` mark the .npz files they write with these zip comments (np.load
+# ignores them), so that re-running a command may replace its own output but never a user's
+# file of the same name.
 _SAMPLES_MARK = b"scoresde sample output"
+_PER_POINT_MARK = b"scoresde likelihood output"
 
 
-def _written_by_sample(path: Path) -> bool:
+def _written_by(path: Path, mark: bytes) -> bool:
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
-            return z.comment.startswith(_SAMPLES_MARK)
+            return z.comment.startswith(mark)
     except (OSError, zipfile.BadZipFile):
         return False
+
+
+def _check_replaceable(path: Path, option: str, mark: bytes, overwrite: bool) -> None:
+    """Refuse (before any work) to replace the file `path` given as `option` unless an
+    earlier run of the same command wrote it (its `mark`) or --overwrite is given."""
+    if not overwrite and path.exists() and not (path.is_file() and _written_by(path, mark)):
+        command = mark.decode().split()[1]
+        raise ValueError(
+            f"{option} {str(path)!r} already exists and was not written by 'scoresde "
+            f"{command}'; choose another {option} or pass --overwrite to replace it"
+        )
 
 
 def _check_sample_outputs(out: Path, overwrite: bool) -> None:
     """Refuse (before any work) to replace an --out .npz, or the PNG beside it, that an
     earlier `scoresde sample` did not write, unless --overwrite."""
+    _check_replaceable(out, "--out", _SAMPLES_MARK, overwrite)
     if overwrite:
         return
-    if out.exists() and not (out.is_file() and _written_by_sample(out)):
-        raise ValueError(
-            f"--out {str(out)!r} already exists and was not written by 'scoresde sample'; "
-            "choose another --out or pass --overwrite to replace it"
-        )
     png = out.with_suffix(".png")
     if png.exists() and not out.exists():
         raise ValueError(
@@ -177,7 +186,7 @@ def _check_output_path(option: str, path: Path, *, folder: bool = False) -> None
 
 def _save_npz(out: Path, option: str, mark: bytes | None = None, **arrays: Any) -> None:
     """np.savez(out, **arrays) atomically (temp file + os.replace), with the zip comment
-    `mark` when given (`_written_by_sample`). A failure names `option` and `out`, not the
+    `mark` when given (`_written_by`). A failure names `option` and `out`, not the
     temp file."""
     import tempfile
     import zipfile
@@ -291,13 +300,30 @@ def _max_pairwise_distance(x: Any, limit: int = 1000) -> float:
 
 
 def _load_training_data(args: argparse.Namespace) -> Any:
-    """The training data x `[N, *D]`, unscaled float32 on the CPU."""
+    """The training data x `[N, *D]`, unscaled float64 on the CPU: the scaler is fitted and
+    applied in float64 and only the scaled data is cast to the model's float32 (data with a
+    large offset, such as Unix timestamps near 1.7e9, would be quantised to steps of 128 by
+    a float32 cast before scaling)."""
+    import torch
+
     from scoresde.data import load_data
 
     x, _ = load_data(
-        args.data, key=args.key, n=args.num_data, image_size=args.image_size, seed=args.seed
+        args.data,
+        key=args.key,
+        n=args.num_data,
+        image_size=args.image_size,
+        seed=args.seed,
+        dtype=torch.float64,
     )
     return x
+
+
+def _to_data_units(scaler: Any, x: Any) -> Any:
+    """Model-space samples `[N, *D]` -> data units, float64 on the CPU (the inverse scaling
+    in float64, so a large offset keeps its digits)."""
+    x = x.detach().cpu().double()
+    return x if scaler is None else scaler.inverse_transform(x)
 
 
 def _fit_scaler(kind: str, x: Any, per_feature: bool = False) -> Any:

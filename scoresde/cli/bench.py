@@ -17,8 +17,21 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         description="Run scoresde's benchmarks and write tables and plots to --out.",
     )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full")
+    mode.add_argument(
+        "--quick",
+        dest="mode",
+        action="store_const",
+        const="quick",
+        help="the default, CI-sized: 1,000 samples, 10/20/50 steps, 2-D targets only",
+    )
+    mode.add_argument(
+        "--full",
+        dest="mode",
+        action="store_const",
+        const="full",
+        help="10,000 samples, 5 to 1000 steps, also 16-D/64-D targets and the sub-VP/VE "
+        "SDEs (the tables of docs/benchmarks.md; far longer)",
+    )
     p.set_defaults(mode="quick")
     p.add_argument(
         "--suite",

@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from scoresde.cli._common import (
+    _PER_POINT_MARK,
     _check_output_path,
+    _check_replaceable,
     _common,
     _load_checkpoint,
+    _overwrite_option,
     _positive_float,
     _positive_int,
     _save_npz,
@@ -97,6 +100,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "this .npz (arrays 'logp', 'bpd')",
     )
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    _overwrite_option(p, "replace a --per-point file that 'scoresde likelihood' did not write")
     _common(p)
     p.set_defaults(func=_cmd_likelihood)
     return p
@@ -124,6 +128,11 @@ def _recorded_data(args: argparse.Namespace, stored: dict, key: str | None) -> t
     return source, key
 
 
+def _takes_key(source: str) -> bool:
+    """Whether the file `source` is of a kind that `--key` selects from."""
+    return Path(source).suffix.lower() in (".npz", ".pt", ".pth", ".csv", ".tsv")
+
+
 def _cmd_likelihood(args: argparse.Namespace) -> int:
     import torch
 
@@ -137,6 +146,7 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
         if per_point.suffix != ".npz":
             raise ValueError(f"--per-point must name an .npz file, got {args.per_point!r}")
         _check_output_path("--per-point", per_point)
+        _check_replaceable(per_point, "--per-point", _PER_POINT_MARK, args.overwrite)
     info, device = sdist.setup(None, device)  # under torchrun: join the process group
     model, scaler, cfg = _load_checkpoint(args.checkpoint, device, ema=not args.no_ema)
     data_shape = tuple(cfg["model"]["data_shape"])
@@ -144,9 +154,14 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
     source, key = args.data, args.key
     if source is None:  # the training data, read the way `train` read it
         source, key = _recorded_data(args, stored, key)
+    elif key is None and stored.get("key") is not None and _takes_key(source):
+        key = stored["key"]  # the same array / columns as in training, e.g. of a test file
+        _say(args, f"reading --key {key!r} of {source!r}, as in training (pass --key to change)")
     # Images are resized to the training size unless --image-size says otherwise.
     image_size = args.image_size if args.image_size is not None else stored.get("image_size")
-    x, _ = load_data(source, key=key, n=args.num, image_size=image_size, seed=args.seed + 1)
+    x, _ = load_data(
+        source, key=key, n=args.num, image_size=image_size, seed=args.seed + 1, dtype=torch.float64
+    )
     if tuple(x.shape[1:]) != data_shape:
         raise ValueError(
             f"data samples have shape {list(x.shape[1:])} but the model was trained on "
@@ -159,13 +174,14 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
     log_det = 0.0
     if scaler is not None:
         log_det = float(scaler.scale.to(torch.float64).expand(data_shape).abs().log().sum())
-        x = scaler.transform(x)
+        x = scaler.transform(x)  # in float64: a large data offset keeps its digits
+    weights_dtype = next(model.parameters()).dtype
     # Global batches of --batch-size shared out over the processes under torchrun, with
     # per-point Hutchinson probes: the values are those of one process.
     res = sdist.log_likelihood(
         model,
         model.sde,
-        x.to(device),
+        x.to(device=device, dtype=weights_dtype),
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.quiet,
@@ -196,7 +212,13 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
         f"({what}; {trace} trace, {nfe} NFE)"
     )
     if per_point is not None:
-        _save_npz(per_point, "--per-point", logp=(logp - log_det).numpy(), bpd=bpd.numpy())
+        _save_npz(
+            per_point,
+            "--per-point",
+            _PER_POINT_MARK,
+            logp=(logp - log_det).numpy(),
+            bpd=bpd.numpy(),
+        )
         _say(args, f"per-point values -> {per_point}")
     sdist.shutdown()
     return 0

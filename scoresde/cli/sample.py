@@ -20,6 +20,7 @@ from scoresde.cli._common import (
     _save_samples_npz,
     _say,
     _setup_torch,
+    _to_data_units,
 )
 
 
@@ -136,9 +137,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if x is None:  # not rank 0: its batches went to rank 0
         sdist.shutdown()
         return 0
-    samples = x.float().cpu()
-    if scaler is not None:
-        samples = scaler.inverse_transform(samples)
+    samples = _to_data_units(scaler, x)  # float64, so a large data offset keeps its digits
     _save_samples_npz(out, samples.numpy())
     title = f"{args.sampler}, NFE {sampler.nfe}"
     png = _plot_samples(samples, out.with_suffix(".png"), title, scaler)

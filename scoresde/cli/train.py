@@ -30,6 +30,7 @@ from scoresde.cli._common import (
     _positive_int,
     _say,
     _setup_torch,
+    _to_data_units,
 )
 from scoresde.cli._resume import _recorded_source, _resumed_run
 
@@ -238,7 +239,7 @@ def _periodic_plot(ckpt_dir: Path, data_shape: Sequence[int], scaler: Any, seed:
         x = sampler.sample(
             model, (num, *data_shape), generator=_generator(seed, device), device=device
         )
-        x = scaler.inverse_transform(x.detach().float()).cpu()
+        x = _to_data_units(scaler, x)
         path = ckpt_dir / f"samples_step{trainer.step:07d}.png"
         _plot_samples(x, path, f"step {trainer.step}", scaler)
 
@@ -334,7 +335,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         shape = tuple(x.shape[1:])
         callback = _periodic_plot(ckpt_dir, shape, scaler, args.seed)
     trainer.fit(
-        scaler.transform(x),
+        scaler.transform(x).float(),  # scaled in float64, then cast
         remaining,
         progress=progress,
         callback=callback,
