@@ -13,7 +13,9 @@ order. Each chunk is sampled with `batch_invariant=True`, a fresh generator seed
 run's seed (so every chunk uses the same 64-bit Philox key) and `sample_offset` = its first
 sample's index, so K processes write exactly the samples of one process with the same seed
 and batch size, and the batch size does not change them either (PC's Langevin corrector
-then takes its step size from reference particles, not from the batch).
+then takes its step size from reference particles, not from the batch) up to the network's
+rounding, which can differ in the last bit between batch sizes (and flip a step decision
+of `AdaptiveSDESampler`: see its module docstring).
 
 Design of data parallelism in `scoresde.training`: every rank draws the same *global*
 batch indices and loss noise from identically seeded generators and keeps its slice, so
