@@ -1,6 +1,7 @@
-"""AdaptiveSDESampler: the per-sample virtual Brownian tree, unbiased samples on N(0, I)
-(the published algorithm's redraw-on-rejection gives std ~1.26-1.5), the exact mixture on
-every SDE, honest per-sample NFE accounting, batch invariance, validation."""
+"""AdaptiveSDESampler: the per-sample Brownian path with memory (rejection sampling with
+memory), unbiased samples on N(0, I) (the published algorithm's redraw-on-rejection gives
+std ~1.26-1.5), the exact mixture on every SDE, honest per-sample NFE accounting, batch
+invariance, validation."""
 
 from __future__ import annotations
 

@@ -292,3 +292,15 @@ def test_a_nan_in_the_users_x_init_is_named_not_blamed_on_the_score() -> None:
         sampler = cls(sde) if name == "adaptive" else cls(sde, num_steps=30)
         with pytest.raises(ValueError, match=r"x_init must be finite.*1 of its 5 rows.*row 3"):
             sampler.sample(gm.score_fn(sde), None, x_init=x_init)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm", "edm", "ode", "em", "sa"])
+def test_a_num_steps_that_disagrees_with_a_grid_tensor_is_refused(name: str) -> None:
+    from scoresde.samplers import SAMPLERS
+
+    cls = SAMPLERS[name]
+    grid = torch.linspace(1.0, 1e-3, 11, dtype=torch.float64)  # 10 steps
+    assert cls(SDE, time_grid=grid).num_steps == 10  # num_steps left out: the grid's
+    assert cls(SDE, num_steps=10, time_grid=grid).num_steps == 10
+    with pytest.raises(ValueError, match=r"num_steps=7 disagrees with the time_grid tensor"):
+        cls(SDE, num_steps=7, time_grid=grid)

@@ -87,7 +87,7 @@ class DDIMSampler(Sampler):
         denoise: bool = False,
     ) -> None:
         super().__init__(sde)
-        self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps)
+        self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps, 50)
         self.eta = check_positive("eta", eta, allow_zero=True)
         if self.eta > 1.0:
             # c <= sigma_s needs eta <= 1 (eta = 1 is already the full posterior variance).

@@ -180,7 +180,7 @@ class DPMSolverSampler(Sampler):
     ) -> None:
         super().__init__(sde)
         kind = "quadratic" if time_grid is None else time_grid
-        self.num_steps, kind, self.eps = check_grid(sde, num_steps, kind, eps)
+        self.num_steps, kind, self.eps = check_grid(sde, num_steps, kind, eps, 20)
         # None stays None only for the stochastic variant, whose default is `stochastic_grid`.
         self.time_grid = None if time_grid is None and stochastic is True else kind
         check_positive_int("order", order)

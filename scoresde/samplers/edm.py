@@ -63,7 +63,7 @@ class EDMSampler(Sampler):
         denoise: bool = False,
     ) -> None:
         super().__init__(sde)
-        self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps)
+        self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps, 18)
         self.S_churn = check_positive("S_churn", S_churn, allow_zero=True)
         self.S_tmin = check_positive("S_tmin", S_tmin, allow_zero=True)
         if isinstance(S_tmax, (int, float)) and S_tmax == float("inf"):

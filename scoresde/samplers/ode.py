@@ -185,7 +185,7 @@ class ODESampler(Sampler):
                 f"method must be one of {FIXED_METHODS + ADAPTIVE_METHODS}, got {method!r}"
             )
         self.method = method
-        self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps)
+        self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps, 100)
         self.rtol = check_positive("rtol", rtol)
         self.atol = check_positive("atol", atol)
         self.denoise = check_bool("denoise", denoise)

@@ -568,7 +568,7 @@ class EulerMaruyamaSampler(Sampler):
         time_grid: Any = "uniform",
     ) -> None:
         super().__init__(sde)
-        self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps)
+        self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps, 1000)
         self.denoise = check_bool("denoise", denoise)
 
     def _plan(self) -> tuple[list[float], list[float], list[float], list[float], dict]:

@@ -91,7 +91,7 @@ class SASolverSampler(Sampler):
         denoise: bool = False,
     ) -> None:
         super().__init__(sde)
-        self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps)
+        self.num_steps, self.time_grid, self.eps = check_grid(sde, num_steps, time_grid, eps, 20)
         self.predictor_order = _check_order("predictor_order", predictor_order, (1, 2, 3, 4))
         self.corrector_order = _check_order("corrector_order", corrector_order, (0, 1, 2, 3, 4))
         if tau is None:

@@ -63,16 +63,26 @@ __all__ = [
 ]
 
 
-def check_grid(sde: SDE, num_steps: Any, kind: Any, eps: Any) -> tuple[int, Any, float]:
+def check_grid(
+    sde: SDE, num_steps: Any, kind: Any, eps: Any, default_steps: int | None = None
+) -> tuple[int, Any, float]:
     """Validate (num_steps, time_grid, eps) once in a sampler's __init__; returns them
-    (num_steps is the length of a user grid tensor minus one)."""
+    (num_steps is the length of a user grid tensor minus one). Given the sampler's default
+    `default_steps`, a num_steps that is neither it nor the grid tensor's step count is a
+    ValueError instead of being silently replaced by the tensor's."""
     num_steps = check_positive_int("num_steps", num_steps)
     eps = check_eps(eps, sde)
     if isinstance(kind, str) and kind not in GRIDS:
         raise ValueError(f"time_grid must be one of {GRIDS} or a 1-D tensor, got {kind!r}")
     if not isinstance(kind, str):
         # A user grid: validated by time_grid; its length fixes the step count.
-        num_steps = time_grid(sde, num_steps, kind, eps=eps).numel() - 1
+        steps = time_grid(sde, num_steps, kind, eps=eps).numel() - 1
+        if default_steps is not None and num_steps not in (steps, default_steps):
+            raise ValueError(
+                f"num_steps={num_steps} disagrees with the time_grid tensor, which has {steps} "
+                f"steps ({steps + 1} times); leave num_steps out or pass num_steps={steps}"
+            )
+        num_steps = steps
     return num_steps, kind, eps
 
 
