@@ -207,3 +207,21 @@ def test_demo_refuses_fewer_than_two_samples_before_training(
     assert _run([*argv, "--quiet", "--device", "cpu"]) == 2
     assert "--num: expected an integer >= 2, got '1'" in _error(capsys, no_work=True)
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_keeps_a_users_samples_npz_and_replaces_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results"
+    out.mkdir()
+    np.savez(out / "samples.npz", mine=np.arange(3))
+    argv = ["demo", "--quick", "--num", "50", "--train-steps", "5", "--out", str(out)]
+    argv += ["--quiet", "--device", "cpu"]
+    assert _run(argv) == 1
+    error = _error(capsys, no_work=True)
+    assert "was not written by 'scoresde demo'" in error and "--overwrite" in error
+    assert np.load(out / "samples.npz")["mine"].tolist() == [0, 1, 2]
+    assert _run([*argv, "--overwrite"]) == 0
+    assert _run(argv) == 0  # its own samples.npz now: replaced without --overwrite
+    capsys.readouterr()
+    assert "data" in np.load(out / "samples.npz")

@@ -117,6 +117,7 @@ def _overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
 # file of the same name.
 _SAMPLES_MARK = b"scoresde sample output"
 _PER_POINT_MARK = b"scoresde likelihood output"
+_DEMO_MARK = b"scoresde demo output"
 
 
 def _written_by(path: Path, mark: bytes) -> bool:

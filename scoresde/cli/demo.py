@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from scoresde.cli._common import (
+    _DEMO_MARK,
     _check_output_path,
+    _check_replaceable,
     _checked_number,
     _common,
     _generator,
+    _overwrite_option,
     _positive_int,
     _save_npz,
     _say,
@@ -49,6 +52,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--num", type=_sample_count, default=None, help="samples per solver (2 or more)")
     p.add_argument("--quick", action="store_true", help="a ~15 s run (fewer steps and samples)")
+    _overwrite_option(p, "replace a samples.npz in --out that 'scoresde demo' did not write")
     _common(p)
     p.set_defaults(func=_cmd_demo)
     return p
@@ -190,6 +194,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         cfg["num"] = args.num
     out = Path(args.out)
     _check_output_path("--out", out, folder=True)
+    # The demo's files have fixed names; a samples.npz of the user's in --out is kept.
+    _check_replaceable(out / "samples.npz", "--out", _DEMO_MARK, args.overwrite)
     model, trainer, scaler, train_s = _demo_train(args, name, cfg, device, out)
     sde, score = model.sde, trainer.ema_model
     mixture = getattr(toy, _EXACT_MIXTURES[name])() if name in _EXACT_MIXTURES else None
@@ -215,6 +221,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _save_npz(
         out / "samples.npz",
         "--out",
+        _DEMO_MARK,
         data=fresh.numpy(),
         **{f"solver{i}": v.numpy() for i, v in enumerate(panels.values())},
     )
