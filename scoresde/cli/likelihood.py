@@ -128,9 +128,12 @@ def _recorded_data(args: argparse.Namespace, stored: dict, key: str | None) -> t
     return source, key
 
 
-def _takes_key(source: str) -> bool:
-    """Whether the file `source` is of a kind that `--key` selects from."""
-    return Path(source).suffix.lower() in (".npz", ".pt", ".pth", ".csv", ".tsv")
+def _same_kind_of_file(source: str, stored: dict) -> bool:
+    """Whether `source` is a file of the kind (suffix) the run was trained on, so that the
+    run's --key (an array name, or table columns) applies to it."""
+    trained = stored.get("data")
+    suffix = Path(source).suffix.lower()
+    return trained is not None and suffix != "" and suffix == Path(trained).suffix.lower()
 
 
 def _cmd_likelihood(args: argparse.Namespace) -> int:
@@ -154,7 +157,7 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
     source, key = args.data, args.key
     if source is None:  # the training data, read the way `train` read it
         source, key = _recorded_data(args, stored, key)
-    elif key is None and stored.get("key") is not None and _takes_key(source):
+    elif key is None and stored.get("key") is not None and _same_kind_of_file(source, stored):
         key = stored["key"]  # the same array / columns as in training, e.g. of a test file
         _say(args, f"reading --key {key!r} of {source!r}, as in training (pass --key to change)")
     # Images are resized to the training size unless --image-size says otherwise.
