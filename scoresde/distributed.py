@@ -15,7 +15,7 @@ sample's index, so K processes write exactly the samples of one process with the
 and batch size, and the batch size does not change them either (PC's Langevin corrector
 then takes its step size from reference particles, not from the batch) up to the network's
 rounding, which can differ in the last bit between batch sizes (and flip a step decision
-of `AdaptiveSDESampler`: see its module docstring).
+of `AdaptiveSDESampler`, which then ends within about its error: see its module docstring).
 
 Design of data parallelism in `scoresde.training`: every rank draws the same *global*
 batch indices and loss noise from identically seeded generators and keeps its slice, so

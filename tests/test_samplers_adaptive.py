@@ -12,82 +12,82 @@ from _fast_samplers import SDES, assert_mixture, draw
 from scoresde import VESDE, VPSDE
 from scoresde.guidance import inpaint
 from scoresde.samplers import AdaptiveSDESampler, NonFiniteError
-from scoresde.samplers._brownian import BrownianMemory
+from scoresde.samplers._brownian import BrownianTree
 from scoresde.toy import GaussianMixture, random_mixture
 
-
-def _accept_all(path: BrownianMemory, t: torch.Tensor, q: float, seed: int) -> torch.Tensor:
-    """Query W(q) on every row and accept (q at or below every row's time)."""
-    qq = torch.full_like(t, q)
-    gen = torch.Generator().manual_seed(seed)
-    w = path.query(None, t, qq, torch.randn(path.w.shape, generator=gen, dtype=torch.float64))
-    path.commit(None, qq, w, torch.ones_like(t, dtype=torch.bool))
-    t.fill_(q)
-    return w
+CPU = torch.device("cpu")
 
 
-def test_brownian_memory_is_a_brownian_motion_under_selection() -> None:
-    """Queries accepted or rejected by the values they reveal (the selection that biases a
-    redraw-on-rejection scheme) still give one Brownian path: W(s) ~ N(0, T - s) with
-    independent increments, and a revealed point returns its stored value exactly."""
+def _tree(samples: torch.Tensor, dim: int, T: float = 1.0) -> BrownianTree:
+    return BrownianTree((7, 11), samples, dim, T, device=CPU, dtype=torch.float64)
+
+
+def test_the_brownian_tree_is_a_brownian_motion_at_any_times() -> None:
+    """W(s) ~ N(0, s) (W(0) = 0), increments over disjoint intervals at random, non-dyadic
+    times are independent N(0, length), down to 1e-6; entries are independent."""
     n, dim, T = 20000, 2, 1.1
-    gen = torch.Generator().manual_seed(0)
-    path = BrownianMemory(n, dim, device=torch.device("cpu"), dtype=torch.float64)
-    t = torch.full((n,), T, dtype=torch.float64)
-
-    def step(q: torch.Tensor, keep) -> tuple[torch.Tensor, torch.Tensor]:
-        w = path.query(None, t, q, torch.randn(n, dim, generator=gen, dtype=torch.float64))
-        ok = keep(w)
-        path.commit(None, q, w, ok)
-        t.copy_(torch.where(ok, q, t))
-        return w, ok
-
-    w_a, ok_a = step(torch.full_like(t, 0.6), lambda w: w[:, 0] > 0)  # keep W(0.6) > 0 only
-    # Rejected rows retry closer (a bridge to the stored W(0.6)); accepted rows go on.
-    q_b = torch.full_like(t, 0.9).masked_fill_(ok_a, 0.5)
-    w_b, ok_b = step(q_b, lambda w: w[:, 1] > 0)
-    # Rows at t = 0.9 ask for 0.6 again (stored: returned exactly); the others jump to 0.45,
-    # past revealed points for some, and are rejected when W(0.45) < 0 (stored below them).
-    again = t == 0.9
-    q_c = torch.full_like(t, 0.45).masked_fill_(again, 0.6)
-    w_c, ok_c = step(q_c, lambda w: again | (w[:, 0] >= 0))
-    assert torch.equal(w_c[again], w_a[again]) and bool(again.any())
-    assert path.times.shape[1] >= 2 and bool((~ok_c).any())  # memory of several points
-    # Read W at fixed times below every row's time.
-    w = {s: _accept_all(path, t, s, seed=100 + i) for i, s in enumerate((0.45, 0.4, 0.2))}
-    for s, ws in w.items():
-        assert ws.var(0) == pytest.approx(torch.full((dim,), T - s), rel=0.05), s
-        assert ws.mean(0).abs().max() < 4 * ((T - s) / n) ** 0.5
-    inc1, inc2 = w[0.4] - w[0.45], w[0.2] - w[0.4]
-    assert inc1.var(0) == pytest.approx(torch.full((dim,), 0.05), rel=0.05)
-    assert inc2.var(0) == pytest.approx(torch.full((dim,), 0.2), rel=0.05)
-    for a, b in [(inc1[:, 0], inc2[:, 0]), (w[0.45][:, 0], inc1[:, 0]), (inc1[:, 0], inc1[:, 1])]:
-        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.03
-    # The selected values stay: E[W(0.6) | accepted at 0.6] is positive, and W(0.45) of
-    # those rows still continues from them (the path was not redrawn).
-    assert float(w_a[ok_a, 0].min()) > 0
-    rows = ok_a & ok_b
-    assert (w[0.45][rows] - w_b[rows]).var(0) == pytest.approx(torch.full((dim,), 0.05), rel=0.1)
+    tree, gen = _tree(torch.arange(n), dim, T), torch.Generator().manual_seed(0)
+    s, t, r = (torch.rand(3, n, generator=gen, dtype=torch.float64) * T).sort(dim=0).values
+    w_s, w_t, w_r = tree.query(None, s), tree.query(None, t), tree.query(None, r)
+    a = (w_s / s.sqrt()[:, None], (w_t - w_s) / (t - s).sqrt()[:, None])
+    b = (w_r - w_t) / (r - t).sqrt()[:, None]
+    for z in (*a, b):
+        assert z.var(0) == pytest.approx(torch.ones(dim, dtype=torch.float64), rel=0.04)
+        assert z.mean(0).abs().max() < 4 / n**0.5
+    for u, v in [(a[0][:, 0], a[1][:, 0]), (a[1][:, 0], b[:, 0]), (b[:, 0], b[:, 1])]:
+        assert abs(float(torch.corrcoef(torch.stack([u, v]))[0, 1])) < 0.03
+    assert float(tree.query(None, torch.zeros(n, dtype=torch.float64)).abs().max()) == 0.0
+    h = 1e-6
+    small = tree.query(None, s + h) - w_s
+    assert float(small.pow(2).mean()) / h == pytest.approx(1.0, rel=0.04)
 
 
-def test_brownian_memory_subset_queries_match_full_queries() -> None:
-    """Querying a subset of rows (idx) gives those rows' values from the full query."""
+def test_the_brownian_tree_is_a_function_of_sample_and_time_only() -> None:
+    """Any order of queries, any subset of rows, any batch holding the sample: same values."""
     n, dim = 6, 3
-    full = BrownianMemory(n, dim, device=torch.device("cpu"), dtype=torch.float64)
-    part = BrownianMemory(n, dim, device=torch.device("cpu"), dtype=torch.float64)
-    gen = torch.Generator().manual_seed(1)
-    t = torch.ones(n, dtype=torch.float64)
+    tree = _tree(torch.arange(n), dim)
+    q = torch.tensor([0.7, 0.2, 0.5, 1.0, 0.3, 0.0], dtype=torch.float64)
+    first = tree.query(None, q)
+    tree.query(None, q.flip(0))
     idx = torch.tensor([4, 1, 2])
-    for q_val in (0.7, 0.8, 0.5, 0.75, 0.3):
-        q = torch.full((n,), q_val, dtype=torch.float64).minimum(t)
-        z = torch.randn(n, dim, generator=gen, dtype=torch.float64)
-        w = full.query(None, t, q, z)
-        ok = w[:, 0] > -0.3
-        full.commit(None, q, w, ok)
-        w_sub = part.query(idx, t[idx], q[idx], z[idx])
-        part.commit(idx, q[idx], w_sub, ok[idx])
-        torch.testing.assert_close(w_sub, w[idx], rtol=0, atol=0)
-        t = torch.where(ok, q, t)
+    torch.testing.assert_close(tree.query(idx, q[idx]), first[idx], rtol=0, atol=0)
+    shifted = _tree(torch.arange(3, 5), dim)  # samples 3 and 4 of a larger run
+    torch.testing.assert_close(shifted.query(None, q[3:5]), first[3:5], rtol=0, atol=0)
+    other_key = BrownianTree((7, 12), torch.arange(n), dim, 1.0, device=CPU, dtype=torch.float64)
+    assert not torch.equal(other_key.query(None, q)[:3], first[:3])
+
+
+def test_the_sample_is_continuous_in_the_solvers_decisions() -> None:
+    """Every sample integrates one fixed Brownian path: a tighter tolerance (other steps)
+    moves samples by about the solver's error, and so does a score perturbed in the 7th digit
+    (a network rounding differently for another batch size), which flips accept/reject
+    decisions. Before, the noise was drawn per iteration and a sample continued on other
+    draws: medians 3.6 and 0.33 here instead of .03 and .035."""
+    sde = VPSDE()
+    exact = random_mixture(2, 3, scale=2.0, seed=4).score_fn(sde)
+
+    def run(rtol: float, score=exact) -> tuple[torch.Tensor, torch.Tensor]:
+        sampler = AdaptiveSDESampler(sde, rtol=rtol, atol=rtol)
+        x = sampler.sample(score, (200, 2), generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64)  # fmt: skip
+        return x, sampler.accepted_steps
+
+    def median_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm(dim=1).median())
+
+    ref, _ = run(1e-3)
+    coarse, steps = run(3e-2)
+    mid, _ = run(1e-2)
+    assert median_distance(mid, ref) < 0.75 * median_distance(coarse, ref) < 0.075
+
+    def rounded(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = exact(x, t)
+        return s * (1 + 1e-7 * torch.sin(1e4 * s))
+
+    perturbed, steps_p = run(3e-2, rounded)
+    assert int((steps_p != steps).sum()) > 50  # decisions flipped
+    assert median_distance(perturbed, coarse) < 0.1
+    assert float((perturbed - coarse).norm(dim=1).quantile(0.9)) < 0.3
 
 
 @pytest.mark.parametrize(

@@ -64,8 +64,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=1024,
         help="samples per batch (1024); the samples do not depend on the number of processes "
         "under torchrun, which share out the batches, nor on the batch size up to rounding "
-        "in the network, except with --sampler adaptive, whose step decisions that rounding "
-        "can flip (other samples of the same distribution)",
+        "in the network (with --sampler adaptive that rounding can flip step decisions: "
+        "samples then move by about the solver's error)",
     )
     p.add_argument("--out", default="samples.npz", help="output .npz (default samples.npz)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")

@@ -17,24 +17,22 @@ Differences from the published algorithm, both on purpose:
 - Every sample has its own t and h (a batch-wide step would make sample i depend on the
   others); finished samples are not evaluated again: the score is called on the active subset
   only (one call = one NFE), and the score at (x, t) of a rejected sample is reused.
-- The Brownian increment dW = W(t) - W(t - h) comes from a per-sample Brownian path with
-  memory (`_brownian.BrownianMemory`, Rackauckas & Nie 2017's rejection sampling with
-  memory): a rejected step's W(t - h) is stored and the retry draws from the Brownian bridge
-  through it, so the noise is never redrawn. Redrawing it (as the paper does) accepts
+- The Brownian increment dW = W(t) - W(t - h) comes from one Brownian path per sample,
+  fixed before the first step: a virtual Brownian tree (`_brownian.BrownianTree`) whose
+  every value is a function of (the run's key, the global sample index, the time), so the
+  noise is never redrawn. Redrawing it after a rejection (as the paper does) accepts
   preferentially the draws that make the error small, which biases the samples (on N(0, I)
-  data, std ~1.26 in 2-D, ~1.5 in 1-D, at any tolerance). The normals come from
-  `ctx.randn_like` (one `[B, D]` draw per iteration), so `generator` and `batch_invariant`
-  apply as for every sampler.
-
-Batch invariance, qualified: with `batch_invariant=True` sample i is bit-identical in any
-batch *if the score is*. Exact scores are; a network's matrix products can round differently
-in the last bit for another batch size (seen on the CPU: 2e-6 on a trained MLP). Fixed-step
-samplers then differ by about that much; here an accept/reject decision near E = 1 can flip,
-and the sample continues on other steps with other draws: another sample of the same
-distribution (on a trained 2-D MLP, 188 of 200 samples took another step sequence in
-batches of 7 than in one of 200). A fixed batch size gives bit-identical samples, and the
-number of processes under torchrun does not change them (`scoresde.distributed` samples
-the same global chunks).
+  data, std ~1.26 in 2-D, ~1.5 in 1-D, at any tolerance). The key is the per-sample Philox
+  key with `batch_invariant=True`, else one drawn from `generator`.
+- Because the path is fixed, a sample is a continuous function of the solver's decisions:
+  a smaller tolerance converges to the strong solution of the same path, and a decision
+  flipped by rounding (a network can round differently in the last bit for another batch
+  size) ends within about the solver's error. With noise drawn per iteration, as before, a
+  flipped decision put the sample on other draws: on a trained 2-D MLP, 188 of 200 samples
+  took other steps in batches of 7 than in one of 200 and moved by up to 3.4 (data std 1);
+  with the tree, 178 take other steps and move by 0.023 (median), 0.11 at most. The tree costs
+  depth + 1 = 31 normals per entry and iteration: +10-20 % on a trained MLP on the CPU, up
+  to 5x on a cheap exact score.
 
 Callback: `callback(step, t, x)` runs once per iteration with t the per-sample times, a
 float64 tensor `[B]` (eps for finished samples; a rejected sample's t does not move). A
@@ -52,8 +50,9 @@ import torch
 from scoresde._control import ControllerState, StepController
 from scoresde._typing import Tensor
 from scoresde._validation import check_bool, check_eps, check_positive, check_positive_int
-from scoresde.samplers._brownian import BrownianMemory, _put, _take
+from scoresde.samplers._brownian import BrownianTree, _put, _take
 from scoresde.samplers.base import Sampler, SamplingContext
+from scoresde.samplers.philox import PhiloxNormal
 from scoresde.sdes import SDE
 
 
@@ -151,7 +150,8 @@ class AdaptiveSDESampler(Sampler):
         t = torch.full((batch,), T, dtype=torch.float64, device=device)
         h = torch.full_like(t, min(self.h_init, self.h_max))
         f_t, g_t = self._coefs(t, dtype)  # f, g at each sample's t, refreshed on acceptance
-        path = BrownianMemory(batch, x.shape[1], device=device, dtype=dtype)
+        path = self._brownian_tree(ctx, batch, x.shape[1], device, dtype)
+        w_t = path.query(None, t)  # W at each sample's current time
         score_t = torch.empty_like(x)  # s(x, t), reused after a rejection
         fresh = torch.zeros(batch, dtype=torch.bool, device=device)
         accepted = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -180,8 +180,8 @@ class AdaptiveSDESampler(Sampler):
                 # The last step lands exactly on eps.
                 q = (t_a - h_a).clamp_(min=eps)
                 step = t_a - q
-                w_q = path.query(sel, t_a, q, _take(ctx.randn_like(x), sel))
-                dw = _take(path.w, sel) - w_q  # W(t) - W(q): the reverse-time increment
+                w_q = path.query(sel, q)
+                dw = _take(w_t, sel) - w_q  # W(t) - W(q): the reverse-time increment
                 f_q, g_q = self._coefs(q, dtype)
                 s_a = score_t if sel is None else score_t[sel]
                 x_em, diff = self._pair(ctx, x_a, q, step, f_a, g_a, f_q, g_q, dw, s_a, shape)
@@ -201,7 +201,7 @@ class AdaptiveSDESampler(Sampler):
                 fresh = _put(fresh, sel, ~ok)
                 accepted = _put(accepted, sel, _take(accepted, sel) + ok)
                 rejected = _put(rejected, sel, _take(rejected, sel) + ~ok)
-                path.commit(sel, q, w_q, ok)
+                w_t = _put(w_t, sel, torch.where(ok_col, w_q, _take(w_t, sel)))
                 x, fresh = self._after_step(ctx, it, t, x, fresh, shape)
                 if bar is not None:
                     _update_bar(bar, t, eps, T, ctx.score.nfe)
@@ -216,6 +216,17 @@ class AdaptiveSDESampler(Sampler):
             score = ctx.score(x, eps)
             x = torch.add(x, score, alpha=float(sigma) ** 2).mul_(1.0 / float(alpha))
         return x
+
+    def _brownian_tree(
+        self, ctx: SamplingContext, batch: int, dim: int, device: torch.device, dtype: torch.dtype
+    ) -> BrownianTree:
+        """The samples' Brownian paths: keyed by the run's per-sample Philox key and global
+        sample indices (batch_invariant=True), else by a key drawn from the generator."""
+        noise = ctx.noise
+        if not isinstance(noise, PhiloxNormal):
+            noise = PhiloxNormal.from_generator(noise.generator)
+        samples = noise.sample_offset + torch.arange(batch, device=device)
+        return BrownianTree(noise.key, samples, dim, self.sde.T, device=device, dtype=dtype)
 
     def _controller(self) -> StepController:
         """The shared controller (scoresde._control) with this sampler's rule:
