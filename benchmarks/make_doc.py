@@ -82,6 +82,7 @@ def repl(m):
         "acceptance",
         "ems_v3",
         "ems_keep",
+        "adaptive_path",
     ):
         lines = (R / f"{key}.md").read_text().splitlines()[1:]  # the page has its title
         body = "\n".join(ln for ln in lines if not ln.startswith("Command:"))
