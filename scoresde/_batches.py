@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -90,3 +91,25 @@ def make_batches(
         f"data must be a tensor [N, *D], a pair (x, labels) or an iterable of batches, "
         f"got {type(data).__name__}"
     )
+
+
+def check_features(model: torch.nn.Module, batches: _TensorBatches | _IterableBatches) -> None:
+    """Name `data` (not a batch of it) when its per-sample size differs from the `dim` a
+    network declares (MLPScoreNet, alone or wrapped in a ScoreModel): otherwise the first
+    step fails deep in the network with the batch's shape. Batches of an iterable are left
+    to the network, which sees them one at a time."""
+    if not isinstance(batches, _TensorBatches):
+        return
+    data = batches.x
+    from scoresde.nets.mlp import MLPScoreNet  # a user's net may use `dim` for other things
+
+    for module in (model, getattr(model, "net", None)):
+        if isinstance(module, MLPScoreNet):
+            dim = module.dim
+            features = math.prod(data.shape[1:])
+            if data.ndim < 2 or features != dim:
+                raise ValueError(
+                    f"data must have {dim} features per sample to match the model, got "
+                    f"data of shape {tuple(data.shape)} ({features} features per sample)"
+                )
+            return

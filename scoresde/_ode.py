@@ -341,6 +341,9 @@ def _initial_step(
     d0 = ctrl.error_norm(y.clone(), y, y, ones, norm)
     d1 = ctrl.error_norm(k1.clone(), y, y, ones, norm)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+    # A field already NaN/Inf at t0 makes h0 NaN, and the probe then asks for a NaN time:
+    # start tiny so the failure is reported at t0 itself.
+    h0 = torch.where(torch.isfinite(h0), h0, torch.full_like(h0, 1e-6))
     h0 = h0.clamp(max=span)
     h0s = direction * h0
     y1 = torch.addcmul(y, h0s.reshape(-1, 1), k1)  # h0 `[B]` per sample or 0-d batch-wide

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from scoresde import distributed as sdist
-from scoresde._batches import _IterableBatches, _TensorBatches, make_batches
+from scoresde._batches import _IterableBatches, _TensorBatches, check_features, make_batches
 from scoresde._stopping import TrainingDivergedError, TrainingInterrupted, _StopSignals
 from scoresde._typing import Tensor
 from scoresde._validation import check_positive, check_positive_int
@@ -501,6 +501,7 @@ class Trainer(TrainerCheckpoints):
         batches = self._batches(data, labels)
         show = self.progress if progress is None else bool(progress)
         tensor_data = isinstance(batches, _TensorBatches)
+        check_features(self.model, batches)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_steps, disable=not show or not self.dist.is_main, desc="training")

@@ -10,6 +10,8 @@ the time, and every adaptive loop has a step limit.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -168,6 +170,22 @@ def test_nan_score_is_reported_with_the_time(method: str) -> None:
         log_likelihood(score, sde, _data(4, torch.float32), method=method)
     with pytest.raises(NonFiniteError, match=r"t = 0\.\d+"):
         AdaptiveSDESampler(sde).sample(score, (4, 2), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "dopri5_per_sample"])
+def test_a_score_nan_from_the_first_time_is_reported_at_that_time(method: str) -> None:
+    """A field NaN already at t0 made the first-step size NaN, so the probe asked for a NaN
+    time and the error read "t = 1e-05 .. nan"."""
+    sde = VPSDE()
+
+    def nan_score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, float("nan"))
+
+    with pytest.raises(NonFiniteError) as err:
+        log_likelihood(nan_score, sde, _data(4, torch.float64), method=method)
+    assert re.search(r"at t = 1e-05( \.\. 1\.0+\d*e-05)?( \(|;)", str(err.value)), str(err.value)
+    with pytest.raises(NonFiniteError, match=r"t = 1(\.0+)?[ ;]"):
+        ODESampler(sde, method).sample(nan_score, (4, 2))
 
 
 def test_max_steps_guards() -> None:

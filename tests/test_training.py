@@ -363,3 +363,17 @@ def test_checkpoints_record_the_preconditioning_and_old_ones_stay_raw(tmp_path: 
     assert new.preconditioning == "gaussian" and new.spec["preconditioning"] == "gaussian"
     with pytest.raises(CheckpointError, match="preconditioning"):
         Trainer(new, DSMLoss(sde), batch_size=16).load(path)
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_fit_names_data_when_its_feature_count_does_not_match_the_model(wrap: bool) -> None:
+    """The error used to name a batch's shape, (128, 3), from deep inside the network."""
+    sde = VPSDE()
+    net = MLPScoreNet(2, hidden=16, num_blocks=1, embed_dim=8)
+    model = ScoreModel(net, sde) if wrap else net
+    trainer = Trainer(model, DSMLoss(sde), progress=False, batch_size=8)
+    with pytest.raises(ValueError, match=r"data must have 2 features .* shape \(50, 3\)"):
+        trainer.fit(torch.randn(50, 3), 1)
+    with pytest.raises(ValueError, match=r"data must have 2 features .* shape \(50, 1, 3\)"):
+        trainer.fit(torch.randn(50, 1, 3), 1)
+    trainer.fit(torch.randn(50, 1, 2), 1)  # [N, 1, 2] flattens to the model's 2 features
