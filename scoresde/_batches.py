@@ -107,7 +107,7 @@ def check_features(model: torch.nn.Module, batches: _TensorBatches | _IterableBa
         if isinstance(module, MLPScoreNet):
             dim = module.dim
             features = math.prod(data.shape[1:])
-            if data.ndim < 2 or features != dim:
+            if features != dim:  # make_batches already refused data with ndim < 2
                 raise ValueError(
                     f"data must have {dim} features per sample to match the model, got "
                     f"data of shape {tuple(data.shape)} ({features} features per sample)"
