@@ -147,6 +147,62 @@ def expand_like(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
+def check_device(name: str, device: Any) -> torch.device:
+    """`device` (a torch.device, a string such as "cpu" / "cuda:1" / "mps", or an int, read
+    as a CUDA index) as a torch.device that exists on this machine.
+
+    Raises TypeError for another type and ValueError, naming the argument, for a string torch
+    cannot parse or a CUDA / MPS device this machine lacks (instead of torch's bare error deep
+    inside the first tensor op). Queries the backends only, no host sync: call it at API
+    entry points, not in hot loops. `None` is the caller's to resolve.
+    """
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ValueError(
+                f"{name} must be a torch device such as 'cpu', 'cuda', 'cuda:1' or 'mps', "
+                f"got {device!r}"
+            ) from None
+    elif isinstance(device, int) and not isinstance(device, bool):
+        if device < 0:
+            raise ValueError(f"{name} as an int is a CUDA device index >= 0, got {device!r}")
+        dev = torch.device("cuda", device)
+    else:
+        raise TypeError(
+            f"{name} must be a torch.device, a str such as 'cpu' or 'cuda:0', or an int "
+            f"(a CUDA index), got {type(device).__name__} ({device!r})"
+        )
+    if dev.type == "cuda":
+        _check_cuda(name, device, dev)
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(
+                f"{name}={device!r} was requested but torch.backends.mps.is_available() is "
+                f"False; use {name}='cpu'"
+            )
+        if dev.index not in (None, 0):
+            raise ValueError(f"{name}={device!r} was requested but there is only one MPS device")
+    return dev
+
+
+def _check_cuda(name: str, device: Any, dev: torch.device) -> None:
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"{name}={device!r} was requested but torch.cuda.is_available() is False; "
+            f"use {name}='cpu'"
+        )
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(
+            f"{name}={device!r} was requested but this machine has {count} CUDA device(s) "
+            f"(torch.cuda.device_count() is {count}); use an index in 0..{count - 1}"
+        )
+
+
 def resolve_device_dtype(
     generator: torch.Generator | None,
     device: torch.device | str | None,
@@ -157,7 +213,8 @@ def resolve_device_dtype(
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
-    device = torch.device(device)
+    else:
+        device = check_device("device", device)
     if dtype is None:
         dtype = torch.get_default_dtype()
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

@@ -305,7 +305,7 @@ def calibrate(
             the iterate, which favour the candidate that overfit them more. A rejected
             candidate is recorded in `extra["rejected_solver"]` / `extra["rejected_ems"]`.
     """
-    from scoresde._validation import check_choice
+    from scoresde._validation import check_choice, check_device
     from scoresde.samplers import SAMPLERS
     from scoresde.samplers.schedules import optimize_time_grid, pf_ode_reference
 
@@ -313,6 +313,7 @@ def calibrate(
     if not isinstance(sampler.time_grid, str):
         raise ValueError("calibrate a sampler with a named time_grid (its default), not a tensor")
     method = check_choice("method", method, ("grid", "solver", "ems"))
+    device = None if device is None else check_device("device", device)
     fit = (fit_pilots, fit_iterations, fit_batch, test_pilots, ems_pilots)
     pilots = _method_pilots(method, name, sampler, data_shape, num_pilot, fit, generator,
                             device, dtype)  # fmt: skip

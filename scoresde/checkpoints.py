@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from scoresde._typing import Tensor
+from scoresde._validation import check_device
 from scoresde.data import DataScaler
 from scoresde.losses import build_loss
 from scoresde.nets.score_model import ScoreModel
@@ -196,6 +197,8 @@ def load_model(
 ) -> LoadedModel:
     """Rebuild the model of a checkpoint (made with `build_model`) with its EMA weights
     (`ema=True`, the ones to sample from) or its raw weights, for sampling / likelihoods."""
+    if device is not None:
+        device = check_device("device", device)
     ckpt = read_checkpoint(path)
     cfg = ckpt["config"]
     state = ckpt["ema" if ema else "model"]

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from scoresde._typing import Tensor
-from scoresde._validation import check_positive_int
+from scoresde._validation import check_device, check_positive_int
 
 __all__ = [
     "DistInfo",
@@ -84,12 +84,12 @@ def setup(enabled: bool | None, device: torch.device | str | None) -> tuple[Dist
     if enabled is None:
         enabled = env_requests_distributed() or (dist.is_available() and dist.is_initialized())
     if not enabled:
-        dev = torch.device(device) if device is not None else _default_device(0)
+        dev = check_device("device", device) if device is not None else _default_device(0)
         return SINGLE, dev
     if not dist.is_available():
         raise RuntimeError("distributed=True but this torch build has no torch.distributed")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(device) if device is not None else _default_device(local_rank)
+    dev = check_device("device", device) if device is not None else _default_device(local_rank)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
@@ -217,7 +217,8 @@ def sample(
     if info is None:
         info, dev = setup(None, device)
     else:
-        dev = torch.device(device) if device is not None else _default_device(info.local_rank)
+        local = info.local_rank
+        dev = check_device("device", device) if device is not None else _default_device(local)
     plan = chunks(num_samples, batch_size)
     mine, nfe = [], 0
     for c in range(info.rank, len(plan), info.world_size):

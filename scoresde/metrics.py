@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from scoresde._typing import Tensor
-from scoresde._validation import check_choice, check_data, check_positive_int
+from scoresde._validation import check_choice, check_data, check_device, check_positive_int
 
 __all__ = [
     "rms_error",
@@ -275,6 +275,8 @@ def sampling_floor(
     n = check_positive_int("n", n)
     m = n if m is None else check_positive_int("m", m)
     repeats = check_positive_int("repeats", repeats)
+    if device is not None:
+        device = check_device("device", device)
     if not callable(metric):
         raise TypeError(f"metric must be callable, got {type(metric).__name__}")
     values = []

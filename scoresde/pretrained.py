@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from scoresde._validation import check_device
 from scoresde.data import DataScaler
 from scoresde.nets.score_model import ScoreModel
 
@@ -176,6 +177,8 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str | None =
     from scoresde.checkpoints import CheckpointError, check_spec_fits
     from scoresde.recipes import _model_from_spec
 
+    if device is not None:
+        device = check_device("device", device)
     folder = Path(path)
     config = read_pretrained_config(folder)
     weights = folder / WEIGHTS_NAME

@@ -27,6 +27,7 @@ import torch
 
 from scoresde import metrics
 from scoresde._typing import Tensor
+from scoresde._validation import check_device
 from scoresde.bench.likelihood import run_likelihood, run_song_comparison, run_time_variables
 from scoresde.bench.peers import CountingFn, Method, Problem, peer_methods, scoresde_methods
 from scoresde.bench.report import write_report
@@ -117,7 +118,7 @@ def run_accuracy(
     """
     tgt = TARGETS[target]
     mixture = tgt.mixture()
-    dev = torch.device(device)
+    dev = check_device("device", device)
     g = torch.Generator(device=dev).manual_seed(seed)
     z = torch.randn(n, tgt.dim, generator=g, device=dev, dtype=torch.float64)
     data = mixture.sample(n, generator=g, device=dev, dtype=torch.float64)

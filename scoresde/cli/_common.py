@@ -265,12 +265,9 @@ def _setup_torch(args: argparse.Namespace) -> Any:
     if name == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"--device: not a torch device: {name!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        from scoresde._validation import check_device
+
+        device = check_device("--device", name)
     threads = getattr(args, "threads", None)
     if threads is None and device.type == "cpu":
         threads = 1

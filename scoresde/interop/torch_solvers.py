@@ -33,6 +33,7 @@ from scoresde._validation import (
     broadcast_time,
     check_choice,
     check_data,
+    check_device,
     check_positive,
     expand_like,
 )
@@ -100,6 +101,8 @@ class TorchsdeReverseSDE(nn.Module):
         device: torch.device | str | None = None,
     ) -> Tensor:
         """Increasing s-times `[num_points]` from 0 (t = T) to T - eps (t = eps)."""
+        if device is not None:
+            device = check_device("device", device)
         return torch.linspace(0.0, self.sde.T - eps, num_points, dtype=dtype, device=device)
 
     def _time(self, s: Tensor, y: Tensor) -> Tensor:

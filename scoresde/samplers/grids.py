@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from scoresde._typing import Tensor
-from scoresde._validation import check_eps, check_positive, check_positive_int
+from scoresde._validation import check_device, check_eps, check_positive, check_positive_int
 from scoresde.sdes import SDE
 
 GRIDS = ("uniform", "quadratic", "karras", "logsnr")
@@ -39,6 +39,8 @@ def time_grid(
     A user-given grid (tensor or sequence) must be 1-D, strictly decreasing and inside
     (0, T]; `num_steps` is then ignored.
     """
+    if device is not None:
+        device = check_device("device", device)
     if not isinstance(kind, str):
         grid = torch.as_tensor(kind, dtype=dtype, device=device)
         if grid.ndim != 1 or grid.numel() < 2:

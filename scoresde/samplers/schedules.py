@@ -46,6 +46,7 @@ import torch
 from scoresde._typing import ScoreFn, Tensor
 from scoresde._validation import (
     check_data,
+    check_device,
     check_eps,
     check_positive,
     check_positive_int,
@@ -168,8 +169,11 @@ def _check_tuning_args(
     max_evals: Any,
     dtype: Any,
     generator: Any,
+    device: Any,
 ) -> tuple[int, float, int]:
     """Validate `optimize_time_grid`'s arguments; (num_steps, eps, max_params)."""
+    if device is not None:
+        check_device("device", device)
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a scoresde SDE, got {type(sde).__name__}")
     if not callable(sampler_factory):
@@ -251,9 +255,9 @@ def optimize_time_grid(
     """
     from scipy.optimize import minimize
 
-    num_steps, eps, max_params = _check_tuning_args(
-        sampler_factory, score_fn, sde, num_steps, eps, max_params, max_evals, dtype, generator
-    )
+    num_steps, eps, max_params = _check_tuning_args(sampler_factory, score_fn, sde, num_steps,
+                                                    eps, max_params, max_evals, dtype, generator,
+                                                    device)  # fmt: skip
     grid_map = _GridMap(sde, _initial_grid(sde, num_steps, init, eps), max_params)
     pilots = _pilots(sde, x_T, data_shape, num_pilot, generator, device, dtype)
     p = grid_map.num_params
