@@ -6,8 +6,10 @@ Every public entry point validates its arguments here so that a user's mistake i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -239,3 +241,53 @@ def check_finite_rows(name: str, x: Tensor, where: str = "") -> None:
         f"(rows {shown}): row {int(rows[0])} is the first ({count} of {total} rows); remove "
         "or impute them before training"
     )
+
+
+# --- the time range [0, T] of an SDE's public methods -------------------------------------
+_TIMES_UNCHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "scoresde_times_unchecked", default=False
+)
+
+
+@contextlib.contextmanager
+def unchecked_times() -> Iterator[None]:
+    """Within this block `check_time` accepts any t: for internal code that evaluates a
+    schedule's analytic continuation slightly past [0, T] on purpose (schedule inverses'
+    round-off, grids from a log-SNR inverse, DDPM's discrete-time mapping)."""
+    token = _TIMES_UNCHECKED.set(True)
+    try:
+        yield
+    finally:
+        _TIMES_UNCHECKED.reset(token)
+
+
+def check_time(t: Any, T: float, name: str = "t") -> None:
+    """Raise a ValueError naming `name`, the value and [0, T] if a time is outside [0, T].
+
+    t = 0 is a hard bound (sub-VP's g and sigma, and VP's with beta_min = 0, are NaN at any
+    t < 0); above T a relative round-off of 1e-6 (or 4 ulps of t's dtype) is accepted. A
+    Python number is checked directly and a CPU tensor with one min/max reduction; a tensor
+    on an accelerator is not checked (that would cost a host sync at every call), nor is
+    anything while `unchecked_times()` is active or under torch.compile. A NaN time is left to
+    the non-finite checks of the solvers (which name the step).
+    """
+    if _TIMES_UNCHECKED.get():
+        return
+    if torch.is_tensor(t):
+        if t.device.type != "cpu" or t.numel() == 0 or torch.compiler.is_compiling():
+            return
+        eps = torch.finfo(t.dtype).eps if t.is_floating_point() else 0.0
+        if t.numel() == 1:
+            lo = hi = float(t)
+        else:
+            lo_t, hi_t = torch.aminmax(t.detach())
+            lo, hi = float(lo_t), float(hi_t)
+    elif isinstance(t, (int, float)) and not isinstance(t, bool):
+        lo = hi = float(t)
+        eps = 0.0
+    else:
+        return  # a type error is broadcast_time's / as_tensor's to report
+    upper = T + T * max(1e-6, 4 * eps)
+    if lo < 0.0 or hi > upper:  # NaN passes: the solvers report non-finite values with the step
+        bad = lo if lo < 0.0 else hi
+        raise ValueError(f"{name} must be in [0, T] = [0, {T:g}], got {name}={bad!r}")

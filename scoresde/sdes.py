@@ -7,6 +7,13 @@ Every SDE here is linear in x, so its perturbation kernel is Gaussian in closed 
 Shapes: data `x` is `[B, *D]` of any rank >= 2; time `t` is `[B]` (a float or a 0-d
 tensor is broadcast); per-sample coefficients come back as `[B]`. Device and dtype follow
 x. Forward time runs from data (t = 0) to noise (t = T = 1).
+
+Times outside [0, T] are a ValueError naming t in `sde`, `marginal_prob`, `discretize`,
+`drift_coef`, `diffusion_coef`, `alpha` and `sigma` (checked for Python numbers and CPU
+tensors; see `scoresde._validation.check_time`). `beta`, `log_mean_coeff`, `log_snr`,
+`diffusion_sq`, `sigma_sq` and the inverses stay unchecked analytic continuations, and
+internal code that evaluates the others slightly past [0, T] on purpose does so inside
+`scoresde._validation.unchecked_times()`.
 """
 
 from __future__ import annotations
@@ -26,9 +33,12 @@ from scoresde._validation import (
     check_positive,
     check_positive_int,
     check_shape,
+    check_time,
     expand_like,
     resolve_device_dtype,
+    unchecked_times,
 )
+from scoresde.reverse_sde import ReverseSDE
 
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "CosineVPSDE", "ReverseSDE"]
 
@@ -81,12 +91,14 @@ class SDE(abc.ABC):
     def sde(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
         """(drift f(t) x shaped like x, diffusion g(t) `[B]`)."""
         check_data("x", x)
+        check_time(t, self.T)
         t = broadcast_time(t, x)
         return expand_like(self.drift_coef(t), x) * x, self.diffusion_coef(t)
 
     def marginal_prob(self, x0: Tensor, t: Any) -> tuple[Tensor, Tensor]:
         """(mean alpha(t) x0 shaped like x0, std sigma(t) `[B]`) of p_0t(x_t | x_0)."""
         check_data("x0", x0)
+        check_time(t, self.T)
         t = broadcast_time(t, x0)
         return expand_like(self.alpha(t), x0) * x0, self.sigma(t)
 
@@ -181,11 +193,13 @@ class SDE(abc.ABC):
     def diffusion_sq(self, t: Tensor) -> Tensor:
         """g(t)^2 in closed form (an analytic continuation slightly past [0, T] where the
         square root is not defined)."""
-        return self.diffusion_coef(t) ** 2
+        with unchecked_times():
+            return self.diffusion_coef(t) ** 2
 
     def sigma_sq(self, t: Tensor) -> Tensor:
         """sigma(t)^2 in closed form (analytic slightly past [0, T])."""
-        return self.sigma(t) ** 2
+        with unchecked_times():
+            return self.sigma(t) ** 2
 
     def reverse_coefficients(
         self, t: Tensor, probability_flow: bool = False
@@ -204,45 +218,6 @@ class SDE(abc.ABC):
         return f"{type(self).__name__}({kwargs}N={self.N})"
 
 
-class ReverseSDE:
-    """dx = [f - g^2 score] dt + g dw_bar, or with `probability_flow` the ODE
-    dx = [f - g^2 score / 2] dt, integrated from t = T down to 0.
-
-    The drift's coefficients are `SDE.reverse_coefficients`, which every sampler, the
-    likelihood and `scoresde.flow` read: the reverse drift is defined there only.
-    """
-
-    def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False) -> None:
-        if not callable(score_fn):
-            raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
-        self.forward_sde = sde
-        self.score_fn = score_fn
-        self.probability_flow = bool(probability_flow)
-        self.N = sde.N
-        self.T = sde.T
-
-    def sde(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
-        """(reverse drift shaped like x, diffusion `[B]`; zero for the ODE)."""
-        check_data("x", x)
-        t = broadcast_time(t, x)
-        f, c = self.forward_sde.reverse_coefficients(t, self.probability_flow)
-        drift = expand_like(f, x) * x - expand_like(c, x) * self.score_fn(x, t)
-        diffusion = self.forward_sde.diffusion_coef(t)
-        if self.probability_flow:
-            diffusion = torch.zeros_like(diffusion)
-        return drift, diffusion
-
-    def discretize(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
-        """One reverse step of the forward discretization: (f - G^2 score [/2], G or 0)."""
-        t = broadcast_time(t, x)
-        f, G = self.forward_sde.discretize(x, t)
-        score = self.score_fn(x, t)
-        weight = 0.5 if self.probability_flow else 1.0
-        rev_f = f - expand_like(G**2, x) * score * weight
-        rev_G = torch.zeros_like(G) if self.probability_flow else G
-        return rev_f, rev_G
-
-
 class _VPFamily(SDE):
     """Shared pieces of the SDEs with drift -beta(t) x / 2 (VP, sub-VP, cosine VP)."""
 
@@ -256,10 +231,12 @@ class _VPFamily(SDE):
 
     def drift_coef(self, t: Tensor) -> Tensor:
         """f(t) = -beta(t) / 2."""
+        check_time(t, self.T)
         return -0.5 * self.beta(t)
 
     def alpha(self, t: Any) -> Tensor:
         """alpha(t) = exp(c(t))."""
+        check_time(t, self.T)
         return torch.exp(self.log_mean_coeff(as_tensor(t)))
 
     @property
@@ -299,6 +276,7 @@ class VPSDE(_VPFamily):
 
     def diffusion_coef(self, t: Tensor) -> Tensor:
         """g(t) = sqrt(beta(t))."""
+        check_time(t, self.T)
         return torch.sqrt(self.beta(t))
 
     def log_mean_coeff(self, t: Any) -> Tensor:
@@ -308,6 +286,7 @@ class VPSDE(_VPFamily):
 
     def sigma(self, t: Any) -> Tensor:
         """sigma(t) = sqrt(1 - exp(2 c(t)))."""
+        check_time(t, self.T)
         return torch.sqrt(-torch.expm1(2 * self.log_mean_coeff(t)))
 
     def log_snr(self, t: Any) -> Tensor:
@@ -333,6 +312,7 @@ class VPSDE(_VPFamily):
     def discretize(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
         """DDPM's transition: f = sqrt(1 - beta_i) x - x, G = sqrt(beta_i), i = floor(t (N-1)/T)."""
         check_data("x", x)
+        check_time(t, self.T)
         t = broadcast_time(t, x)
         i = self._index(t)
         beta = self._table("discrete_betas", x)[i]
@@ -363,10 +343,12 @@ class SubVPSDE(VPSDE):
 
     def diffusion_coef(self, t: Tensor) -> Tensor:
         """g(t) = sqrt(beta(t) (1 - exp(4 c(t))))."""
+        check_time(t, self.T)
         return torch.sqrt(self.beta(t) * -torch.expm1(4 * self.log_mean_coeff(t)))
 
     def sigma(self, t: Any) -> Tensor:
         """sigma(t) = 1 - exp(2 c(t))."""
+        check_time(t, self.T)
         return -torch.expm1(2 * self.log_mean_coeff(t))
 
     def log_snr(self, t: Any) -> Tensor:
@@ -428,18 +410,25 @@ class VESDE(SDE):
 
     def drift_coef(self, t: Tensor) -> Tensor:
         """f(t) = 0."""
+        check_time(t, self.T)
         return torch.zeros_like(t)
 
     def diffusion_coef(self, t: Tensor) -> Tensor:
         """g(t) = sigma(t) sqrt(2 log(sigma_max / sigma_min))."""
-        return self.sigma(t) * math.sqrt(2 * self._log_ratio)
+        check_time(t, self.T)
+        return self._sigma(t) * math.sqrt(2 * self._log_ratio)
 
     def alpha(self, t: Any) -> Tensor:
         """alpha(t) = 1."""
+        check_time(t, self.T)
         return torch.ones_like(as_tensor(t))
 
     def sigma(self, t: Any) -> Tensor:
         """sigma(t) = sigma_min (sigma_max / sigma_min)^t."""
+        check_time(t, self.T)
+        return self._sigma(t)
+
+    def _sigma(self, t: Any) -> Tensor:
         return self.sigma_min * torch.exp(as_tensor(t) * self._log_ratio)
 
     @property
@@ -457,6 +446,7 @@ class VESDE(SDE):
     def discretize(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
         """SMLD's chain: f = 0, G = sqrt(sigma_i^2 - sigma_{i-1}^2), sigma_{-1} = 0."""
         check_data("x", x)
+        check_time(t, self.T)
         t = broadcast_time(t, x)
         i = self._index(t)
         sigmas = self._table("discrete_sigmas", x)
@@ -471,7 +461,7 @@ class VESDE(SDE):
 
     def diffusion_sq(self, t: Tensor) -> Tensor:
         """g(t)^2 = 2 log(sigma_max / sigma_min) sigma(t)^2."""
-        return 2 * self._log_ratio * self.sigma(t) ** 2
+        return 2 * self._log_ratio * self._sigma(t) ** 2
 
 
 class CosineVPSDE(_VPFamily):
@@ -511,6 +501,7 @@ class CosineVPSDE(_VPFamily):
 
     def diffusion_coef(self, t: Tensor) -> Tensor:
         """g(t) = sqrt(beta(t))."""
+        check_time(t, self.T)
         return torch.sqrt(self.beta(t))
 
     def log_mean_coeff(self, t: Any) -> Tensor:
@@ -534,6 +525,7 @@ class CosineVPSDE(_VPFamily):
 
     def sigma(self, t: Any) -> Tensor:
         """sigma(t) = sqrt(1 - alpha(t)^2)."""
+        check_time(t, self.T)
         return torch.sqrt(-torch.expm1(2 * self.log_mean_coeff(t)))
 
     def log_snr(self, t: Any) -> Tensor:

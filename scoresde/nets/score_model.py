@@ -51,6 +51,7 @@ from scoresde._validation import (
     check_choice,
     check_data,
     check_positive,
+    check_time,
     expand_like,
 )
 from scoresde.sdes import SDE
@@ -306,7 +307,9 @@ class ScoreModel(nn.Module):
         return (alpha * eps - sigma * x0) / s
 
     def forward(self, x: Tensor, t: Any, y: Tensor | None = None) -> Tensor:
-        """The score estimate, shaped like x."""
+        """The score estimate, shaped like x. t must be in [0, T] (a ValueError otherwise,
+        checked for Python numbers and CPU tensors)."""
+        check_time(t, self.sde.T)
         t = broadcast_time(t, x)
         if self.preconditioning == "gaussian" and self.parameterization != "score":
             # -eps_hat / sigma: one division, no cancellation through x0 at small sigma.

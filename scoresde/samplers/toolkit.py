@@ -40,7 +40,12 @@ from typing import Any
 import torch
 
 from scoresde._typing import Tensor
-from scoresde._validation import NonFiniteError, check_eps, check_positive_int
+from scoresde._validation import (
+    NonFiniteError,
+    check_eps,
+    check_positive_int,
+    unchecked_times,
+)
 from scoresde.flow import pf_coefficients
 from scoresde.samplers.base import Sampler, SamplingContext
 from scoresde.samplers.grids import GRIDS, time_grid
@@ -95,8 +100,9 @@ class Coefficients:
     def __init__(self, sde: SDE, grid: Tensor) -> None:
         g = grid.detach().to(device="cpu", dtype=torch.float64)
         self.t: list[float] = g.tolist()
-        self.alpha: list[float] = sde.alpha(g).tolist()
-        self.sigma: list[float] = sde.sigma(g).tolist()
+        with unchecked_times():  # a grid from t_from_log_snr may round past [0, T]
+            self.alpha: list[float] = sde.alpha(g).tolist()
+            self.sigma: list[float] = sde.sigma(g).tolist()
         # log_snr is implemented with expm1/softplus: more accurate than log(alpha/sigma).
         self.lam: list[float] = (0.5 * sde.log_snr(g)).tolist()
 
