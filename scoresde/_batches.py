@@ -39,7 +39,14 @@ class _IterableBatches:
             try:
                 item = next(self.it)
             except StopIteration:
-                raise ValueError("data is an empty iterable") from None
+                if self.count == 0:
+                    raise ValueError("data is an empty iterable") from None
+                # a generator / iterator returns itself from iter() and stays spent
+                raise ValueError(
+                    f"data ran out after {self.count} batches and cannot be restarted (a "
+                    f"{type(self.data).__name__} runs once): pass a re-iterable such as a list or "
+                    "a DataLoader, or at least as many batches as steps"
+                ) from None
         self.count += 1
         if torch.is_tensor(item):
             return self._checked(item), None

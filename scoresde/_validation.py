@@ -268,8 +268,8 @@ def check_time(t: Any, T: float, name: str = "t") -> None:
     t < 0); above T a relative round-off of 1e-6 (or 4 ulps of t's dtype) is accepted. A
     Python number is checked directly and a CPU tensor with one min/max reduction; a tensor
     on an accelerator is not checked (that would cost a host sync at every call), nor is
-    anything while `unchecked_times()` is active or under torch.compile. A NaN time is left to
-    the non-finite checks of the solvers (which name the step).
+    anything while `unchecked_times()` is active or under torch.compile. A NaN time is an
+    error too (a NaN index would otherwise become a finite, wrong DDPM coefficient).
     """
     if _TIMES_UNCHECKED.get():
         return
@@ -288,6 +288,8 @@ def check_time(t: Any, T: float, name: str = "t") -> None:
     else:
         return  # a type error is broadcast_time's / as_tensor's to report
     upper = T + T * max(1e-6, 4 * eps)
-    if lo < 0.0 or hi > upper:  # NaN passes: the solvers report non-finite values with the step
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"{name} must be in [0, T] = [0, {T:g}], got {name}=nan")
+    if lo < 0.0 or hi > upper:
         bad = lo if lo < 0.0 else hi
         raise ValueError(f"{name} must be in [0, T] = [0, {T:g}], got {name}={bad!r}")

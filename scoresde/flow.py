@@ -354,7 +354,8 @@ def _first_step(
         h0 = torch.tensor(1e-6, dtype=d0.dtype, device=d0.device)
     else:
         h0 = (0.01 * d0 / d1).abs()
-    h0 = h0.clamp(max=span)
+    # A field NaN/Inf at t0 makes h0 NaN and the probe would ask for a NaN time (as in _ode).
+    h0 = torch.where(torch.isfinite(h0), h0, torch.full_like(h0, 1e-6)).clamp(max=span)
     y1 = _tmap(lambda y, f: y + direction * h0 * f, y0, f0)
     # Time arithmetic in float64 (as torchdiffeq's), the call in the state's dtype.
     f1 = func((t0 + direction * h0).to(h0.dtype), y1)
@@ -364,6 +365,8 @@ def _first_step(
         h1 = torch.clamp(h0 * 1e-3, min=1e-6)
     else:
         h1 = (0.01 / torch.maximum(d1, d2)) ** (1.0 / float(order))
+    # A non-finite probe: start small, so the steps reach the bad region from finite times.
+    h1 = torch.where(torch.isfinite(d2), h1, 1e-3 * h0)
     return torch.minimum(100 * h0, h1.abs()).clamp(max=span)
 
 

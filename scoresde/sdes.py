@@ -85,7 +85,11 @@ class SDE(abc.ABC):
 
     @abc.abstractmethod
     def t_from_log_snr(self, lam: Any) -> Tensor:
-        """The inverse of `log_snr`: the t with log_snr(t) = lam."""
+        """The inverse of `log_snr`: the t with log_snr(t) = lam.
+
+        The formula is not clamped: a lam outside [log_snr(T), log_snr(0)] gives a t outside
+        [0, T], which the SDE's methods and a ScoreModel refuse with a ValueError.
+        """
 
     # --- the API of Song et al.'s sde_lib, shape-agnostic -----------------------------------
     def sde(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:

@@ -482,7 +482,7 @@ class Trainer(TrainerCheckpoints):
         Args:
             data: a tensor `[N, *D]` (batches of `batch_size` drawn with replacement by the
                 trainer's generator; bit-exact resume), a pair (x, labels), or an iterable
-                / DataLoader yielding x or (x, labels) batches (restarted when exhausted;
+                / DataLoader yielding x or (x, labels) batches (restarted when spent: no generator;
                 under torchrun it must yield this rank's batches, e.g. with a
                 DistributedSampler).
             labels: `[N]` class labels for tensor data (conditional models).

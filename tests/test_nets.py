@@ -370,6 +370,10 @@ def test_input_of_another_dtype_than_the_weights_is_a_clear_type_error() -> None
     model = ScoreModel(MLPScoreNet(2, hidden=8, num_blocks=1), VPSDE())
     x, t = torch.zeros(3, 2, dtype=torch.float64), torch.full((3,), 0.5, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"x is torch.float64 but the model's weights are "
-                                        r"torch.float32.*model.double\(\)"):  # fmt: skip
+                                        r"torch.float32.*model.to\(torch.float64\)"):  # fmt: skip
         model(x, t)
     assert model.double()(x, t).dtype == torch.float64
+    # the other way round the advice follows x's dtype (it once said model.double() here too)
+    with pytest.raises(TypeError, match=r"x is torch.float32 .*model.to\(torch.float32\)\)") as e:
+        model(x.float(), t.float())
+    assert "double" not in str(e.value)

@@ -74,3 +74,16 @@ def test_unchecked_times_is_scoped() -> None:
         sde.alpha(1.003)
     with pytest.raises(ValueError, match="t must be in"):
         sde.alpha(1.003)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_a_nan_time_is_refused(sde) -> None:
+    """A NaN time is no silent NaN (and DDPM's discretize no longer maps it to index 0, a
+    finite wrong G)."""
+    model = ScoreModel(MLPScoreNet(2, hidden=8, num_blocks=1), sde).double()
+    for t in (float("nan"), torch.tensor([0.5, float("nan"), 0.2, 0.3], dtype=torch.float64)):
+        calls = dict(_calls(sde, t), model=lambda t=t: model(X, t))
+        for name, call in calls.items():
+            with pytest.raises(ValueError, match=r"t must be in \[0, T\] .*got t=nan"):
+                call()
+                pytest.fail(name)

@@ -377,3 +377,16 @@ def test_fit_names_data_when_its_feature_count_does_not_match_the_model(wrap: bo
     with pytest.raises(ValueError, match=r"data must have 2 features .* shape \(50, 1, 3\)"):
         trainer.fit(torch.randn(50, 1, 3), 1)
     trainer.fit(torch.randn(50, 1, 2), 1)  # [N, 1, 2] flattens to the model's 2 features
+
+
+def test_a_spent_generator_is_named_not_called_empty() -> None:
+    """A generator cannot restart like a DataLoader; the error said "data is an empty
+    iterable" after it had yielded its batches."""
+    x, _ = _toy_data(96)
+    trainer = _tiny_trainer(progress=False)
+    with pytest.raises(ValueError, match=r"data ran out after 3 batches .*a generator runs once"):
+        trainer.fit((x[i : i + 32] for i in range(0, 96, 32)), 5)
+    assert trainer.step == 3  # the steps it did are kept
+    with pytest.raises(ValueError, match="data is an empty iterable"):
+        trainer.fit([], 1)
+    trainer.fit((x[i : i + 32] for i in range(0, 96, 32)), 3)  # enough batches: fine

@@ -231,7 +231,7 @@ class ScoreModel(nn.Module):
             # torch's own error ("mat1 and mat2 must have the same dtype") names neither
             raise TypeError(
                 f"x is {x.dtype} but the model's weights are {weight.dtype}: convert the "
-                f"model (model.to({x.dtype}), e.g. model.double()) or pass x as {weight.dtype}"
+                f"model (model.to({x.dtype})) or pass x as {weight.dtype}"
             )
         inp = c_in * x
         out = self.net(inp, t) if y is None else self.net(inp, t, y)
