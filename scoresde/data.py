@@ -122,10 +122,25 @@ def _load_npz(path: Path, key: str | None, labels_key: str | None) -> tuple[Any,
         return f[key], (None if labels_key is None else f[labels_key])
 
 
+def _run_folders(folder: Path) -> list[Path]:
+    """Folders under `folder` that hold a scoresde run (`latest.pt`) or an exported model
+    (`config.json` + `model.safetensors`): their plots are not data (a --ckpt-dir inside the
+    image folder would otherwise feed the run's own loss.png and samples back as images)."""
+    marks = [p.parent for p in folder.rglob("latest.pt")]
+    exported = folder.rglob("model.safetensors")
+    marks += [p.parent for p in exported if (p.parent / "config.json").is_file()]
+    return [m for m in marks if m != folder]
+
+
 def _load_images(folder: Path, image_size: int | tuple[int, int] | None, mode: str | None):
     from PIL import Image  # pillow comes with matplotlib
 
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    runs = _run_folders(folder)
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(r in p.parents for r in runs)
+    )
     if not files:
         raise ValueError(
             f"the folder {folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
@@ -321,7 +336,8 @@ def load_data(
             feature unless `key` picks it; a non-numeric feature column or a missing / NaN /
             Inf value is refused, naming the column and line); a folder of images
             (`[N, C, H, W]` pixel values 0..255; labels from class sub-folders when there
-            are several); or a toy-set name of `scoresde.toy.make_dataset` ("two_moons",
+            are several; a sub-folder holding a scoresde run or exported model is skipped); or
+            a toy-set name of `scoresde.toy.make_dataset` ("two_moons",
             "digits", ...), for which `n` samples are drawn with `seed` ("digits" without
             `n` gives the 1797 images, scaled to [-1, 1], with labels).
         labels: labels `[N]` for in-memory data.

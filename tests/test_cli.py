@@ -348,6 +348,37 @@ def test_image_folder_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     )
 
 
+def test_image_folder_scaling_is_0_255_and_a_run_inside_it_is_not_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dark 8-bit images (0..100): auto scaling maps 0..255 (not the fitted 0..100) onto
+    [-1, 1], so --num-bins 256 bins the pixel levels; a --ckpt-dir inside the image folder
+    (its loss.png and sample grids) is not read back as images by likelihood or --resume."""
+    from PIL import Image
+
+    from scoresde.training import read_checkpoint
+
+    rng = np.random.default_rng(1)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(5):
+        pixels = rng.integers(0, 101, size=(8, 8), dtype=np.uint8)
+        Image.fromarray(pixels).save(imgs / f"{i}.png")
+    run = imgs / "run"
+    argv = ["train", str(imgs), "--steps", "2", "--batch-size", "4", "--channels", "8"]
+    assert _run([*argv, "--ckpt-dir", str(run), "--plot-every", "2", "--quiet"]) == 0
+    assert _is_png(run / "samples_step0000002.png")
+    scaler = read_checkpoint(run)["config"]["data_scaler"]
+    assert scaler["kind"] == "minmax"
+    assert float(scaler["shift"]) == 127.5 and float(scaler["scale"]) == 127.5
+    capsys.readouterr()
+    argv = ["likelihood", str(run), "--num", "50", "--rtol", "1e-2", "--num-bins", "256"]
+    assert _run([*argv, "--quiet"]) == 0
+    assert re.search(r"5 points of .*imgs: .*256 levels in \[0, 255\]", capsys.readouterr().out)
+    assert _run(["train", "--resume", "--ckpt-dir", str(run), "--steps", "3", "--quiet"]) == 0
+    assert read_checkpoint(run)["step"] == 3
+
+
 # --- errors: one line, no traceback -------------------------------------------------------------
 
 

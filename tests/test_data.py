@@ -80,6 +80,14 @@ def test_image_folder_with_class_subfolders(tmp_path: Path) -> None:
     assert y.tolist() == [0, 0, 0, 1, 1, 1]
     x, _ = load_data(tmp_path, image_size=4, mode="RGB")
     assert x.shape == (6, 3, 4, 4)
+    # an exported model's folder (and a run's, with latest.pt) holds plots, not data
+    export = tmp_path / "dogs" / "exported"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / "model.safetensors").write_bytes(b"")
+    Image.fromarray(np.zeros((6, 5), dtype=np.uint8)).save(export / "plot.png")
+    x, y = load_data(tmp_path)
+    assert x.shape == (6, 1, 6, 5) and y.tolist() == [0, 0, 0, 1, 1, 1]
     Image.fromarray(np.zeros((9, 9), dtype=np.uint8)).save(tmp_path / "cats" / "big.png")
     with pytest.raises(ValueError, match="different sizes"):
         load_data(tmp_path)

@@ -324,12 +324,18 @@ def _to_data_units(scaler: Any, x: Any) -> Any:
     return x if scaler is None else scaler.inverse_transform(x)
 
 
-def _fit_scaler(kind: str, x: Any, per_feature: bool = False) -> Any:
+def _fit_scaler(
+    kind: str, x: Any, per_feature: bool = False, pixel_range: tuple[float, float] | None = None
+) -> Any:
     """The data scaler: minmax onto [-1, 1] for images (rank 4), standardisation otherwise
     (auto); `none` is the identity. One (shift, scale) for the whole tensor unless
-    `per_feature`."""
+    `per_feature`. `pixel_range`: the fixed range of auto's minmax for images read from a
+    folder (8-bit: 0..255), not the data's min..max (a dark image set would otherwise be
+    stretched, and --num-bins 256 would bin the wrong range)."""
     from scoresde.data import DataScaler
 
+    if kind == "auto" and x.ndim == 4 and pixel_range is not None and not per_feature:
+        return DataScaler("minmax", data_range=pixel_range)
     if kind == "auto":
         kind = "minmax" if x.ndim == 4 else "standard"
     if kind == "none":

@@ -95,7 +95,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         action=_NoteGiven,
         choices=("auto", "minmax", "standard", "none"),
         default="auto",
-        help="data scaling: minmax onto [-1, 1] (auto for images), standard: zero mean and "
+        help="data scaling: minmax onto [-1, 1] (auto for images; 0..255 for a folder of "
+        "images), standard: zero mean and "
         "unit variance (auto for other data), none",
     )
     p.add_argument(
@@ -258,7 +259,8 @@ def _new_run(args: argparse.Namespace, ckpt_dir: Path, device: Any) -> tuple[Any
     net = args.net
     if net == "auto":
         net = "unet" if x.ndim == 4 else "mlp"
-    scaler = _fit_scaler(args.scaling, x, args.per_feature)
+    from_folder = Path(args.data).is_dir()  # 8-bit images: 0..255 whatever they hold
+    scaler = _fit_scaler(args.scaling, x, args.per_feature, (0.0, 255.0) if from_folder else None)
     sde_kwargs: dict[str, Any] = {}
     if args.sde == "ve":
         sde_kwargs["sigma_max"] = (
