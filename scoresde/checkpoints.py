@@ -152,9 +152,14 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, random bytes, unpickling refusal, ...
+        # torch's own text goes on for lines and suggests weights_only=False: its first
+        # sentence is enough (the full error stays chained).
+        first = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:200]
+        looks_like_data = path.suffix.lower() in (".npy", ".npz", ".csv", ".tsv", ".txt")
         raise CheckpointError(
             f"{str(path)!r} is not a readable checkpoint (truncated or not a torch file): "
-            f"{type(err).__name__}: {err}"
+            f"{type(err).__name__}: {first}"
+            + ("; it looks like data: the checkpoint comes first" if looks_like_data else "")
         ) from err
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{str(path)!r} is a torch file but not a scoresde checkpoint")

@@ -163,9 +163,13 @@ def _load_images(folder: Path, image_size: int | tuple[int, int] | None, mode: s
         arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
     shapes = sorted({a.shape for a in arrays})
     if len(shapes) > 1:
+        first = {}  # one file of each size, to say which images differ
+        for a, p in zip(arrays, files, strict=True):
+            first.setdefault(a.shape, p.relative_to(folder).as_posix())
+        sizes = ", ".join(f"{list(k)} ({first[k]}, ...)" for k in shapes[:4])
         raise ValueError(
-            f"images in {folder} have different sizes {shapes[:4]}; pass image_size=(H, W) "
-            "to resize them"
+            f"images in {folder} have different sizes: {sizes}; pass image_size=(H, W) "
+            "(--image-size S on the command line) to resize them"
         )
     # Labels from sub-folder names (ImageFolder layout) when every image sits in one.
     parents = [p.parent for p in files]

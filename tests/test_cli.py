@@ -209,6 +209,24 @@ def test_pc_sample_does_not_depend_on_batch_size(run_2d: Path, tmp_path: Path) -
     np.testing.assert_allclose(got[5], got[12], rtol=1e-6, atol=1e-6)
 
 
+def test_nfe_is_printed_per_batch_not_summed(
+    run_2d: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--batch-size 5 made 12 samples of a 4-step sampler print NFE 12 (the sum over the
+    3 batches), and likelihood a figure that grew with the number of batches."""
+    argv = ["sample", str(run_2d), "--sampler", "em", "--steps", "4", "--num", "12"]
+    argv += ["--batch-size", "5", "--out", str(tmp_path / "s.npz"), "--device", "cpu"]
+    assert _run(argv) == 0
+    assert "NFE 4 (12 score calls over 3 batches)" in capsys.readouterr().out
+    argv = ["likelihood", str(run_2d), "--num", "10", "--rtol", "1e-2", "--device", "cpu"]
+    assert _run([*argv, "--batch-size", "5", "--quiet"]) == 0
+    match = re.search(r"([\d.]+)( \(mean per batch\))? NFE per batch, (\d+) over 2 batches",
+                      capsys.readouterr().out)  # fmt: skip
+    assert match and float(match.group(1)) == pytest.approx(int(match.group(3)) / 2, abs=0.05)
+    assert _run([*argv, "--batch-size", "10", "--quiet"]) == 0
+    assert re.search(r"; exact trace, \d+ NFE\)", capsys.readouterr().out)
+
+
 def test_likelihood_matches_the_library(run_2d: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from scoresde.data import load_data
     from scoresde.likelihood import log_likelihood
@@ -416,6 +434,18 @@ def test_corrupt_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     bad.write_bytes(b"not a checkpoint at all" * 10)
     assert _run(["sample", str(tmp_path), "--out", str(tmp_path / "s.npz")]) == 1
     assert "checkpoint" in _one_error_line(capsys.readouterr().err)
+
+
+def test_data_given_where_the_checkpoint_goes(
+    run_2d: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Swapped arguments printed torch's paragraph advising weights_only=False."""
+    data = tmp_path / "points.npy"
+    np.save(data, np.zeros((5, 2)))
+    assert _run(["likelihood", str(data), str(run_2d)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "not a readable checkpoint" in line and "the checkpoint comes first" in line
+    assert "weights_only" not in line and len(line) < 300
 
 
 def test_wrong_data_for_checkpoint(run_2d: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -117,6 +117,25 @@ def test_train_does_not_write_into_a_folder_of_other_files(
     assert read_checkpoint(folder)["step"] == 3
 
 
+def test_overwrite_clears_the_old_runs_export_and_sample_grids(tmp_path: Path) -> None:
+    """A new run over an old one (--overwrite) left the old model/ (loaded silently by
+    from_pretrained if the new run was killed) and the old run's sample grids."""
+    run = tmp_path / "run"
+    argv = ["train", "two_moons", "--steps", "4", "--ckpt-dir", str(run), *SMALL]
+    assert _run([*argv, "--plot-every", "2"]) == 0
+    assert (run / "model" / "config.json").is_file() and (run / "samples_step0000002.png").exists()
+    (run / "notes.txt").write_text("mine")
+    from scoresde.cli.train import _clear_previous_run
+
+    _clear_previous_run(run)  # what --overwrite does before the new run starts
+    assert not (run / "model").exists() and not list(run.glob("samples_step*.png"))
+    assert (run / "notes.txt").read_text() == "mine" and (run / "latest.pt").is_file()
+    again = ["train", "two_moons", "--steps", "3", "--ckpt-dir", str(run), "--overwrite"]
+    assert _run([*again, "--plot-every", "0", *SMALL]) == 0
+    assert read_checkpoint(run)["step"] == 3 and (run / "model" / "config.json").is_file()
+    assert not list(run.glob("samples_step*.png"))
+
+
 def test_sigterm_during_train_saves_a_checkpoint(tmp_path: Path) -> None:
     """Issue 16.4, through a real process: SIGTERM once the first checkpoint exists (so
     training is surely running), then the run stops after its current step, saves it and
@@ -149,10 +168,18 @@ def test_sigterm_during_train_saves_a_checkpoint(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err
     line = err.strip().splitlines()[-1]
-    assert "SIGTERM" in line and "--resume" in line, err
+    assert "SIGTERM" in line and "--resume" in line and "model exported to" in line, err
     step = int(re.search(r"at step (\d+)", line).group(1))
     ckpt = read_checkpoint(run)
     assert ckpt["step"] == step >= 20 and ckpt["history"].numel() == step
+    # model/ is the interrupted step's EMA model, not missing or an older export
+    from scoresde import ScoreModel
+    from scoresde.training import Trainer
+
+    exported = ScoreModel.from_pretrained(run / "model").state_dict()
+    ema = Trainer.from_checkpoint(run, device="cpu", distributed=False).ema_model.state_dict()
+    assert exported.keys() == ema.keys()
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
     assert _run(["train", "two_moons", "--steps", str(step + 2), "--ckpt-dir", str(run),
                  "--resume", *SMALL]) == 0  # fmt: skip
     assert read_checkpoint(run)["step"] == step + 2

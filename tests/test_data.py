@@ -89,7 +89,7 @@ def test_image_folder_with_class_subfolders(tmp_path: Path) -> None:
     x, y = load_data(tmp_path)
     assert x.shape == (6, 1, 6, 5) and y.tolist() == [0, 0, 0, 1, 1, 1]
     Image.fromarray(np.zeros((9, 9), dtype=np.uint8)).save(tmp_path / "cats" / "big.png")
-    with pytest.raises(ValueError, match="different sizes"):
+    with pytest.raises(ValueError, match=r"different sizes: .*cats/big.png.*--image-size"):
         load_data(tmp_path)
 
 

@@ -94,6 +94,8 @@ def _interrupted(exc: KeyboardInterrupt) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 saves and reports
         return 128 + int(signum)
     hint = "; continue it with --resume" if getattr(exc, "checkpoint", None) else ""
+    if getattr(exc, "exported", None):
+        hint = f"; model exported to {exc.exported}{hint}"
     print(f"{PROG}: {exc}{hint}", file=sys.stderr)
     return 128 + int(signum)
 

@@ -345,6 +345,13 @@ def _fit_scaler(
     return DataScaler(kind, per_feature=per_feature).fit(x)
 
 
+def _per_batch(nfe: int, batches: int) -> str:
+    """The NFE of one batch of `batches` that made `nfe` score calls in all: exact for
+    fixed steps, the mean for adaptive solvers (whose batches differ)."""
+    mean = nfe / max(batches, 1)
+    return f"{mean:.0f}" if mean == int(mean) else f"{mean:.1f} (mean per batch)"
+
+
 def _plot_samples(samples: Any, path: Path, title: str, scaler: Any = None) -> Path | None:
     """A grid for images `[B, C, H, W]` (C = 1 or 3; grey levels from the min-max scaler's
     range when there is one), else a scatter of the first two coordinates of each sample.

@@ -14,6 +14,7 @@ from scoresde.cli._common import (
     _common,
     _load_checkpoint,
     _overwrite_option,
+    _per_batch,
     _positive_float,
     _positive_int,
     _save_npz,
@@ -210,9 +211,11 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
         what = f"{args.num_bins} levels in [{lo_hi[0]:g}, {lo_hi[1]:g}], uniform dequantization"
     mean = float(bpd.mean())
     se = float(bpd.std() / math.sqrt(bpd.numel())) if bpd.numel() > 1 else float("nan")
+    batches = math.ceil(bpd.numel() / args.batch_size)
+    calls = f" per batch, {nfe} over {batches} batches" if batches > 1 else ""
     print(
         f"{bpd.numel()} points of {source}: {mean:.4f} +- {se:.4f} bits/dim "
-        f"({what}; {trace} trace, {nfe} NFE)"
+        f"({what}; {trace} trace, {_per_batch(nfe, batches)} NFE{calls})"
     )
     if per_point is not None:
         _save_npz(

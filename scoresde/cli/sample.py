@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from scoresde.cli._common import (
     _load_checkpoint,
     _make_sampler,
     _overwrite_option,
+    _per_batch,
     _plot_samples,
     _positive_float,
     _positive_int,
@@ -144,11 +146,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     title = f"{args.sampler}, NFE {sampler.nfe}"
     png = _plot_samples(samples, out.with_suffix(".png"), title, scaler)
     procs = f" on {info.world_size} processes" if info.enabled else ""
+    # NFE per sample path (one batch's score calls), not summed over the batches: the
+    # figure that compares solvers, whatever --batch-size.
+    batches = len(range(info.rank, math.ceil(args.num / args.batch_size), info.world_size))
+    calls = f" ({nfe} score calls over {batches} batches)" if batches > 1 else ""
     _say(
         args,
-        f"{args.num} samples of shape {list(data_shape)} with {type(sampler).__name__}: NFE {nfe}"
-        f"{' per process' if procs else ''}, {seconds:.1f} s{procs} -> {out}"
-        + (f" and {png}" if png is not None else ""),
+        f"{args.num} samples of shape {list(data_shape)} with {type(sampler).__name__}: "
+        f"NFE {_per_batch(nfe, batches)}{calls}{' on this process' if procs else ''}, "
+        f"{seconds:.1f} s{procs} -> {out}" + (f" and {png}" if png is not None else ""),
     )
     sdist.shutdown()
     return 0

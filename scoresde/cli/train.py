@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from scoresde._stopping import TrainingInterrupted
 from scoresde.cli._common import (
     NET_NAMES,
     PARAMETERIZATIONS,
@@ -313,6 +314,22 @@ def _new_run(args: argparse.Namespace, ckpt_dir: Path, device: Any) -> tuple[Any
     return trainer, x, scaler
 
 
+def _clear_previous_run(ckpt_dir: Path) -> None:
+    """Before a new run over an old one (--overwrite): remove the old run's exported model and
+    sample grids, which the new run would not all replace (a crash, or other plot steps)."""
+    import shutil
+
+    from scoresde.checkpoints import LATEST
+    from scoresde.pretrained import is_pretrained_dir
+
+    if not (ckpt_dir / LATEST).is_file():
+        return  # not a scoresde run: --overwrite replaces only files of the same names
+    if is_pretrained_dir(ckpt_dir / PRETRAINED_DIR):
+        shutil.rmtree(ckpt_dir / PRETRAINED_DIR)
+    for old in ckpt_dir.glob("samples_step*.png"):
+        old.unlink()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     device = _setup_torch(args)
     ckpt_dir = Path(args.ckpt_dir)
@@ -322,6 +339,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.data is None:
             raise ValueError("give the training data DATA (a toy-set name or a path)")
         _check_new_run_folder(ckpt_dir, args.overwrite)
+        _clear_previous_run(ckpt_dir)
     if args.resume:
         trainer, x, scaler = _resumed_run(args, ckpt_dir, device)
     else:
@@ -336,13 +354,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if plot_every:
         shape = tuple(x.shape[1:])
         callback = _periodic_plot(ckpt_dir, shape, scaler, args.seed)
-    trainer.fit(
-        scaler.transform(x).float(),  # scaled in float64, then cast
-        remaining,
-        progress=progress,
-        callback=callback,
-        callback_every=plot_every or None,
-    )
+    try:
+        trainer.fit(
+            scaler.transform(x).float(),  # scaled in float64, then cast
+            remaining,
+            progress=progress,
+            callback=callback,
+            callback_every=plot_every or None,
+        )
+    except TrainingInterrupted as stop:
+        # model/ would otherwise keep an older step's export (another run's after --overwrite)
+        # next to the new latest.pt.
+        if trainer.dist.is_main and stop.checkpoint is not None:
+            stop.exported = trainer.save_pretrained(ckpt_dir / PRETRAINED_DIR)
+        raise
     if trainer.dist.is_main:  # under torchrun, only rank 0 writes files and reports
         from scoresde import plotting
         from scoresde.runlog import read_metrics
