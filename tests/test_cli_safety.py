@@ -224,3 +224,19 @@ def test_a_corrupt_data_file_is_one_line(
     argv = ["train", str(path), "--steps", "1", "--ckpt-dir", str(tmp_path / "run"), *SMALL]
     assert _run(argv) == 1
     assert kind in _error(capsys)
+
+
+def test_scaling_none_warns_on_data_far_from_unit_scale(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Data near 1e6 trained with --scaling none gave samples of std ~150 and no word why."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, scale, warned in (("big", 1e6, True), ("unit", 1.0, False)):
+        path = tmp_path / f"{name}.npy"
+        np.save(path, rng.normal(size=(64, 2)) * scale)
+        argv = ["train", str(path), "--scaling", "none", "--steps", "1", "--plot-every", "0"]
+        assert _run([*argv, "--ckpt-dir", str(tmp_path / name), *SMALL]) == 0
+        err = capsys.readouterr().err
+        assert ("warning: --scaling none" in err) is warned, err

@@ -248,6 +248,24 @@ def _periodic_plot(ckpt_dir: Path, data_shape: Sequence[int], scaler: Any, seed:
     return callback
 
 
+def _warn_far_from_unit_scale(x: Any, sde: str) -> None:
+    """--scaling none on data far from unit scale: the VP-type SDEs end in N(0, I) and their
+    schedules assume data of about unit size, so training gives samples of the wrong scale."""
+    import os
+    import sys
+
+    size = float(x.abs().amax())
+    spread = float(x.std())
+    if (size > 20 or spread < 0.02) and os.environ.get("RANK", "0") == "0":
+        print(
+            f"scoresde: warning: --scaling none with data of largest |value| {size:.3g} and std "
+            f"{spread:.3g}: the {sde} SDE assumes data of about unit scale (its prior is "
+            "N(0, I)); use --scaling auto, or --sde ve",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def _new_run(args: argparse.Namespace, ckpt_dir: Path, device: Any) -> tuple[Any, Any, Any]:
     """(Trainer, unscaled data, scaler) of a new run: load the data, fit the scaler, build
     the model from the options."""
@@ -262,6 +280,8 @@ def _new_run(args: argparse.Namespace, ckpt_dir: Path, device: Any) -> tuple[Any
         net = "unet" if x.ndim == 4 else "mlp"
     from_folder = Path(args.data).is_dir()  # 8-bit images: 0..255 whatever they hold
     scaler = _fit_scaler(args.scaling, x, args.per_feature, (0.0, 255.0) if from_folder else None)
+    if args.scaling == "none" and args.sde != "ve":
+        _warn_far_from_unit_scale(x, args.sde)
     sde_kwargs: dict[str, Any] = {}
     if args.sde == "ve":
         sde_kwargs["sigma_max"] = (
