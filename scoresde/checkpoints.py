@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
+from scoresde._atomic import atomic_write
 from scoresde._typing import Tensor
 from scoresde._validation import check_device
 from scoresde.data import DataScaler
@@ -75,25 +75,10 @@ def check_spec_fits(spec: Any, state: Any, what: str = "model") -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in path's folder, flush + fsync, then os.replace."""
+    """torch.save to a temp file in path's folder, fsync, then os.replace (`atomic_write`:
+    the file gets the mode a plain open() would give it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable (not possible everywhere)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _check_checkpoint_dir(path: str | os.PathLike | None) -> Path | None:
@@ -349,11 +334,15 @@ class TrainerCheckpoints:
             "config": self.config(),
         }
 
-    def save(self, path: str | os.PathLike | None = None) -> Path | None:
+    def save(
+        self, path: str | os.PathLike | None = None, *, extra: dict[str, Any] | None = None
+    ) -> Path | None:
         """Write a checkpoint atomically (rank 0 only; other ranks return None).
 
         Default path: `checkpoint_dir/latest.pt` (plus `step_XXXXXXXX.pt` with
-        keep_checkpoints). Returns the path written.
+        keep_checkpoints). `extra`: more entries for the checkpoint dict (plain values, e.g.
+        a mark of the program that wrote it); they may not replace `state_dict`'s own.
+        Returns the path written.
         """
         if not self.dist.is_main:
             return None
@@ -365,6 +354,10 @@ class TrainerCheckpoints:
             target = Path(path)
         self._check_finite_weights()
         state = self.state_dict()
+        clash = sorted(set(extra or {}) & set(state))
+        if clash:
+            raise ValueError(f"extra may not replace the checkpoint's entries {clash}")
+        state.update(extra or {})
         if path is None and self.keep_checkpoints:
             _atomic_save(state, self.checkpoint_dir / f"step_{self.step:08d}.pt")
         _atomic_save(state, target)

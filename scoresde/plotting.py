@@ -42,25 +42,25 @@ def new_figure(width: float, height: float) -> Any:
     return fig
 
 
-def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+def save_figure(
+    fig: Any, path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None
+) -> Path:
     """Write `fig` as a PNG to `path` (parent folders are created) and return the path.
+    `metadata`: PNG text entries (keyword -> text) stored in the file.
 
     The file is written to a temporary file of its own (two processes saving the same plot
     never share one) and renamed, so a reader never sees half a PNG; on failure it is removed.
+    It gets the permissions a plain open() would give it (`scoresde._atomic.atomic_write`).
     """
-    import tempfile
+    from scoresde._atomic import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            fig.savefig(f, format="png", bbox_inches="tight", metadata=metadata)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, write)
 
 
 def _points(x: Any, name: str) -> Tensor:
@@ -195,10 +195,12 @@ def plot_samples_2d(
     losses: Sequence[float] | Tensor | None = None,
     title: str | None = None,
     ncols: int = 4,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """One panel per entry of `samples` (name -> `[N, 2]`), after a "data" panel when `data`
     is given and followed by the loss curve when `losses` is given; all scatter panels share
-    axis limits so spreads are comparable. Writes a PNG to `path` and returns it."""
+    axis limits so spreads are comparable. Writes a PNG to `path` and returns it
+    (`metadata`: PNG text entries, as in `save_figure`)."""
     panels: list[tuple[str, Tensor]] = []
     if data is not None:
         panels.append(("data", _points(data, "data")))
@@ -219,7 +221,7 @@ def plot_samples_2d(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, metadata=metadata)
 
 
 def plot_image_grid(

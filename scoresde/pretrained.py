@@ -24,12 +24,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from scoresde._atomic import atomic_write
 from scoresde._validation import check_device
 from scoresde.data import DataScaler
 from scoresde.nets.score_model import ScoreModel
@@ -49,16 +49,9 @@ def is_pretrained_dir(path: str | os.PathLike) -> bool:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """write(tmp_path) then os.replace, so a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """write(tmp_path) then fsync + os.replace, so a crash never leaves a half-written file
+    (`scoresde._atomic.atomic_write`: the file gets the mode a plain open() gives)."""
+    atomic_write(path, write)
 
 
 def _scaler_to_json(scaler: DataScaler | None) -> dict[str, Any] | None:

@@ -272,3 +272,39 @@ def test_song_et_al_likelihood_emulation_is_unbiased() -> None:
     exact = mix.log_prob_fn(sde)(x, 1e-5)
     assert est.shape == (300,) and torch.isfinite(est).all()
     assert abs(float((est - exact).mean())) < 0.25
+
+
+def test_quick_overhead_suite_has_no_method_that_fails(monkeypatch, tmp_path) -> None:
+    # Every row of `scoresde bench --suite overhead` (quick mode, the default) is measured:
+    # each method runs once, untimed, at the quick mode's step count on a tiny batch. At 20
+    # steps PCSampler refused the VP chain (betas 20 / N reach 1) and the PC rows read "fails".
+    from scoresde.bench import runner
+    from scoresde.bench.peers import CountingFn
+
+    class Stop(Exception):
+        pass
+
+    seen: dict = {}
+
+    def record(methods, **settings):
+        seen.update(settings, methods=list(methods))
+        raise Stop
+
+    monkeypatch.setattr(runner, "run_overhead", record)
+    with pytest.raises(Stop):
+        run("overhead", "quick", tmp_path)
+    methods = runner._overhead_methods(seen["methods"])
+    names = [m.name for m in methods]
+    assert {"scoresde PC", "scoresde PC (no corrector)", "scoresde PC ancestral"} <= set(names)
+    problem = Problem(make_sde("vp"), score=CountingFn(lambda x, t: -x))
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    failed = {}
+    for method in methods:
+        try:
+            samples, nfe = method(problem, x_T, seen["num_steps"], torch.Generator().manual_seed(0))
+        except Exception as err:
+            failed[method.name] = f"{type(err).__name__}: {err}"
+            continue
+        assert samples.shape == x_T.shape and nfe >= seen["num_steps"], method.name
+    assert failed == {}
+    assert runner.OVERHEAD_FULL == {"num_steps": 50, "repeats": 15}  # docs/benchmarks.md's run

@@ -62,6 +62,15 @@ EXACT_METHODS = (
 )
 
 
+# The overhead suite's settings (steps per run, rounds at least): full mode is the run of
+# docs/benchmarks.md. Quick mode takes 25 steps, not fewer: the VP SDE's discrete chain
+# (beta_max 20) has betas beta_max / N >= 1 at N <= 20 steps, which PCSampler's
+# reverse-diffusion and ancestral predictors and Langevin corrector refuse, so every
+# method's row is measured in both modes.
+OVERHEAD_FULL = dict(num_steps=50, repeats=15)
+OVERHEAD_QUICK = dict(num_steps=25, repeats=2)
+
+
 def _all_methods() -> dict[str, Method]:
     methods = peer_methods()
     methods.update(scoresde_methods())
@@ -270,9 +279,7 @@ def run_overhead(
     refs = _bare_references(x_T)
     ref_s = {name: _time_per_step(fn, num_steps, repeats) for name, fn in refs.items()}
     rows = []
-    for method in methods:
-        if method.adaptive or method.sde_kind != "vp":
-            continue
+    for method in _overhead_methods(methods):
         try:
             rows.append(_overhead_row(method, sde, x_T, refs, num_steps, repeats))
         except Exception as err:
@@ -291,6 +298,11 @@ def run_overhead(
         "bare_pc_us_per_step": ref_s["pc"][0] * 1e6,
         "rows": rows,
     }
+
+
+def _overhead_methods(methods: Iterable[Method]) -> list[Method]:
+    """The methods `run_overhead` times: the fixed-step ones on the VP SDE."""
+    return [m for m in methods if not m.adaptive and m.sde_kind == "vp"]
 
 
 def _bare_references(x_T: Tensor) -> dict[str, Callable[[int], None]]:
@@ -510,11 +522,7 @@ def run(
     results: dict[str, Any] = {"suite": suite, "mode": mode, "versions": _versions()}
     if suite == "overhead":
         chosen = _select(all_methods, methods)
-        results["overhead"] = (
-            run_overhead(chosen, repeats=15)
-            if full
-            else run_overhead(chosen, num_steps=20, repeats=2)
-        )
+        results["overhead"] = run_overhead(chosen, **(OVERHEAD_FULL if full else OVERHEAD_QUICK))
     elif suite == "likelihood":
         default_targets = ["mixture2d", "mix16d"] if full else ["mixture2d"]
         results["likelihood"] = run_likelihood(

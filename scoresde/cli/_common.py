@@ -130,10 +130,53 @@ def _written_by(path: Path, mark: bytes) -> bool:
         return False
 
 
-def _check_replaceable(path: Path, option: str, mark: bytes, overwrite: bool) -> None:
+# The PNG text keyword and checkpoint entry that carry the same marks in a plot (written
+# with `plotting`'s metadata=) and in a checkpoint (`Trainer.save(extra=)`).
+_PNG_MARK_KEY = "scoresde"
+_CKPT_MARK_KEY = "written_by"
+
+
+def _png_written_by(path: Path, mark: bytes) -> bool:
+    """Whether the PNG `path` holds the text chunk `_PNG_MARK_KEY` = `mark` (before its
+    image data, where matplotlib writes it)."""
+    import struct
+
+    wanted = _PNG_MARK_KEY.encode() + b"\0" + mark
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            while len(head := f.read(8)) == 8:
+                length, kind = struct.unpack(">I4s", head)
+                if kind in (b"IDAT", b"IEND") or length > 1 << 20:
+                    return False
+                if f.read(length) == wanted and kind == b"tEXt":
+                    return True
+                f.seek(4, os.SEEK_CUR)  # the chunk's CRC
+    except OSError:
+        return False
+    return False
+
+
+def _checkpoint_written_by(path: Path, mark: bytes) -> bool:
+    """Whether the torch file `path` is a dict whose `_CKPT_MARK_KEY` entry is `mark`
+    (loaded with weights_only and mmap: nothing runs, the tensors are not read)."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch zip file, unpickling refused, unreadable
+        return False
+    return isinstance(obj, dict) and obj.get(_CKPT_MARK_KEY) == mark.decode()
+
+
+def _check_replaceable(
+    path: Path, option: str, mark: bytes, overwrite: bool, written_by: Any = _written_by
+) -> None:
     """Refuse (before any work) to replace the file `path` given as `option` unless an
-    earlier run of the same command wrote it (its `mark`) or --overwrite is given."""
-    if not overwrite and path.exists() and not (path.is_file() and _written_by(path, mark)):
+    earlier run of the same command wrote it (`written_by(path, mark)`: `_written_by` for
+    an .npz, `_png_written_by`, `_checkpoint_written_by`) or --overwrite is given."""
+    if not overwrite and path.exists() and not (path.is_file() and written_by(path, mark)):
         command = mark.decode().split()[1]
         raise ValueError(
             f"{option} {str(path)!r} already exists and was not written by 'scoresde "
@@ -189,27 +232,24 @@ def _save_npz(out: Path, option: str, mark: bytes | None = None, **arrays: Any) 
     """np.savez(out, **arrays) atomically (temp file + os.replace), with the zip comment
     `mark` when given (`_written_by`). A failure names `option` and `out`, not the
     temp file."""
-    import tempfile
     import zipfile
 
     import numpy as np
 
-    tmp = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        with os.fdopen(fd, "wb") as f:
+    from scoresde._atomic import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
             np.savez(f, **arrays)
         if mark is not None:
             with zipfile.ZipFile(tmp, "a") as z:
                 z.comment = mark
-        os.replace(tmp, out)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OSError(f"{option} {str(out)!r}: cannot write: {exc.strerror or exc}") from exc
-        raise
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, write)
+    except OSError as exc:
+        raise OSError(f"{option} {str(out)!r}: cannot write: {exc.strerror or exc}") from exc
 
 
 def _save_samples_npz(out: Path, samples: Any) -> None:

@@ -9,17 +9,22 @@ from pathlib import Path
 from typing import Any
 
 from scoresde.cli._common import (
+    _CKPT_MARK_KEY,
     _DEMO_MARK,
+    _PNG_MARK_KEY,
     _check_output_path,
     _check_replaceable,
     _checked_number,
+    _checkpoint_written_by,
     _common,
     _generator,
     _overwrite_option,
+    _png_written_by,
     _positive_int,
     _save_npz,
     _say,
     _setup_torch,
+    _written_by,
 )
 
 # The quality metrics compare sample sets (sliced W2 needs two samples or more): a smaller
@@ -52,7 +57,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--num", type=_sample_count, default=None, help="samples per solver (2 or more)")
     p.add_argument("--quick", action="store_true", help="a ~15 s run (fewer steps and samples)")
-    _overwrite_option(p, "replace a samples.npz in --out that 'scoresde demo' did not write")
+    _overwrite_option(
+        p,
+        "replace a samples.npz, demo.png or demo_checkpoint.pt in --out that 'scoresde demo' "
+        "did not write",
+    )
     _common(p)
     p.set_defaults(func=_cmd_demo)
     return p
@@ -63,6 +72,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 _DEMO = {
     "full": dict(steps=4000, hidden=128, blocks=4, num=2000, pc=250, em=250, ode=50, dpm=20),
     "quick": dict(steps=400, hidden=64, blocks=2, num=500, pc=60, em=60, ode=15, dpm=10),
+}
+# The demo's output files and how its own are recognised (the mark _DEMO_MARK in each).
+_DEMO_FILES = {
+    "samples.npz": _written_by,
+    "demo.png": _png_written_by,
+    "demo_checkpoint.pt": _checkpoint_written_by,
 }
 _EXACT_MIXTURES = {"8gaussians": "eight_gaussians", "mixture3": "benchmark_mixture_2d"}
 
@@ -138,7 +153,7 @@ def _demo_train(
     start = time.perf_counter()
     trainer.fit(scaler.transform(data), cfg["steps"], progress=progress)
     train_s = time.perf_counter() - start
-    trainer.save(out / "demo_checkpoint.pt")
+    trainer.save(out / "demo_checkpoint.pt", extra={_CKPT_MARK_KEY: _DEMO_MARK.decode()})
     return model, trainer, scaler, train_s
 
 
@@ -194,8 +209,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         cfg["num"] = args.num
     out = Path(args.out)
     _check_output_path("--out", out, folder=True)
-    # The demo's files have fixed names; a samples.npz of the user's in --out is kept.
-    _check_replaceable(out / "samples.npz", "--out", _DEMO_MARK, args.overwrite)
+    # The demo's files have fixed names: each carries the demo's mark, so a rerun replaces
+    # its own files while a user's file of the same name in --out is kept.
+    for file, written_by in _DEMO_FILES.items():
+        _check_replaceable(out / file, "--out", _DEMO_MARK, args.overwrite, written_by)
     model, trainer, scaler, train_s = _demo_train(args, name, cfg, device, out)
     sde, score = model.sde, trainer.ema_model
     mixture = getattr(toy, _EXACT_MIXTURES[name])() if name in _EXACT_MIXTURES else None
@@ -232,6 +249,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         losses=trainer.history,
         title=f"scoresde demo: {name}, {cfg['steps']} training steps",
         ncols=4,
+        metadata={_PNG_MARK_KEY: _DEMO_MARK.decode()},
     )
     print()
     print(_format_table(header, rows))
