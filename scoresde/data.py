@@ -193,8 +193,11 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _read_rows(path: Path, delimiter: str) -> tuple[list[list[str]], list[int]]:
-    """The non-empty rows of a delimited text file and their line numbers (1-based)."""
+def _read_rows(
+    path: Path, delimiter: str, limit: int | None = None
+) -> tuple[list[list[str]], list[int]]:
+    """The non-empty rows of a delimited text file (the first `limit` of them) and their
+    line numbers (1-based)."""
     rows, lines = [], []
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: drop a BOM (Excel)
         reader = csv.reader(f, delimiter=delimiter)
@@ -203,7 +206,34 @@ def _read_rows(path: Path, delimiter: str) -> tuple[list[list[str]], list[int]]:
                 continue
             rows.append([cell.strip() for cell in row])
             lines.append(reader.line_num)
+            if limit is not None and len(rows) >= limit:
+                break
     return rows, lines
+
+
+def _has_header(first: list[str], second: list[str] | None) -> bool:
+    """A header row has text where the data below it has numbers (or is all text), so a
+    headerless table with a text column is not mistaken for one."""
+    text = [not _is_number(cell) for cell in first]
+    return all(text) or (
+        second is not None and any(t and _is_number(v) for t, v in zip(text, second, strict=True))
+    )
+
+
+def _chosen_columns(
+    path: Path, names: list[str], header: bool, key: Any, label_index: int | None
+) -> list[int]:
+    """The indices of the feature columns: those `key` names (see `_load_table`), else every
+    column but the labels and a pandas index."""
+    if key is None:
+        # A first column with an empty header is the row index pandas' `to_csv` writes, not
+        # a feature (pick it explicitly with `key` if it is one).
+        skip = {0} if header and names[0].strip() == "" and len(names) > 1 else set()
+        return [i for i in range(len(names)) if i != label_index and i not in skip]
+    wanted = key.split(",") if isinstance(key, str) else list(key)
+    return [
+        _select_column(path, "key", k.strip() if isinstance(k, str) else k, names) for k in wanted
+    ]
 
 
 def _select_column(path: Path, what: str, name: Any, names: list[str]) -> int:
@@ -280,13 +310,7 @@ def _load_table(
                 f"{path}: line {line} has {len(row)} fields, the first row has {width} (is the "
                 f"delimiter {delimiter!r} right?)"
             )
-    # A header row has text where the data below it has numbers (or is all text), so a
-    # headerless table with a text column is not mistaken for one.
-    first, second = rows[0], rows[1] if len(rows) > 1 else None
-    text = [not _is_number(cell) for cell in first]
-    header = all(text) or (
-        second is not None and any(t and _is_number(v) for t, v in zip(text, second, strict=True))
-    )
+    header = _has_header(rows[0], rows[1] if len(rows) > 1 else None)
     if header:
         names, rows, lines = rows[0], rows[1:], lines[1:]
         if not rows:
@@ -296,17 +320,7 @@ def _load_table(
     label_index = (
         None if labels_key is None else _select_column(path, "labels_key", labels_key, names)
     )
-    if key is None:
-        # A first column with an empty header is the row index pandas' `to_csv` writes, not
-        # a feature (pick it explicitly with `key` if it is one).
-        skip = {0} if header and names[0].strip() == "" and width > 1 else set()
-        chosen = [i for i in range(width) if i != label_index and i not in skip]
-    else:
-        wanted = key.split(",") if isinstance(key, str) else list(key)
-        chosen = [
-            _select_column(path, "key", k.strip() if isinstance(k, str) else k, names)
-            for k in wanted
-        ]
+    chosen = _chosen_columns(path, names, header, key, label_index)
     if not chosen:
         raise ValueError(f"{path}: no feature columns left (columns: {names})")
     columns = list(zip(*rows, strict=True))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from scoresde.cli._columns import _columns_key, _recorded_columns
 from scoresde.cli._common import PROG, _load_training_data, _say
 
 # The data options a resumed run takes from the command line when given (else the stored
@@ -48,7 +49,8 @@ def _resumed_data(
     args: argparse.Namespace, stored: dict[str, Any], data_shape: tuple[int, ...], ckpt_dir: Path
 ) -> tuple[Any, dict[str, Any]]:
     """(unscaled data, the data_args to store) of a resumed run: DATA, --key, --num-data and
-    --image-size when given on the command line, else the stored ones. A stored relative
+    --image-size when given on the command line, else the stored ones; without --key, a
+    table with a header is read by the run's recorded column names. A stored relative
     path (runs stored them so before) is read from the current folder, as it was then."""
     from scoresde.toy import DATASETS
 
@@ -65,12 +67,19 @@ def _resumed_data(
                 "relative path is read from the current folder); give DATA to resume with"
             )
         what = f"the run's stored data {source!r}"
-    x = _load_training_data(argparse.Namespace(**data_args))
+    read = dict(data_args)
+    if "key" not in given:  # a table with a header: the run's columns, by name
+        by_name = _columns_key(data_args["data"], stored.get("columns"))
+        read["key"] = by_name if by_name is not None else read.get("key")
+    x = _load_training_data(argparse.Namespace(**read))
     if tuple(x.shape[1:]) != data_shape:
         raise ValueError(
             f"{what} holds samples of shape {list(x.shape[1:])}, but the run in {ckpt_dir} "
             f"was trained on samples of shape {list(data_shape)}"
         )
+    columns = _recorded_columns(data_args["data"], read.get("key"))
+    if columns is not None:  # else the stored ones (if any) stay
+        data_args["columns"] = columns
     data_args["data"] = _recorded_source(str(data_args["data"]))
     return x, data_args
 

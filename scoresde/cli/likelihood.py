@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from scoresde.cli._columns import _columns_key, _table_columns
 from scoresde.cli._common import (
     _PER_POINT_MARK,
     _check_output_path,
@@ -48,7 +49,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--key",
         default=None,
-        help="array name inside a .npz/.pt file; for .csv/.tsv the columns to use (a,b,c)",
+        help="array name inside a .npz/.pt file; for .csv/.tsv the columns to use (a,b,c); "
+        "default: the run's (a table with a header: the training columns, by name)",
     )
     p.add_argument(
         "--num-points",
@@ -130,11 +132,30 @@ def _recorded_data(args: argparse.Namespace, stored: dict, key: str | None) -> t
 
 
 def _same_kind_of_file(source: str, stored: dict) -> bool:
-    """Whether `source` is a file of the kind (suffix) the run was trained on, so that the
-    run's --key (an array name, or table columns) applies to it."""
+    """Whether `source` is a file of the kind (suffix; every table suffix is one kind) the
+    run was trained on, so that the run's --key (an array name, or table columns) applies."""
+    from scoresde.data import TABLE_EXTENSIONS
+
+    def kind(path: str) -> str:
+        suffix = Path(path).suffix.lower()
+        return ".csv" if suffix in TABLE_EXTENSIONS else suffix
+
     trained = stored.get("data")
-    suffix = Path(source).suffix.lower()
-    return trained is not None and suffix != "" and suffix == Path(trained).suffix.lower()
+    return trained is not None and kind(source) != "" and kind(source) == kind(trained)
+
+
+def _training_key(args: argparse.Namespace, source: str, key: Any, stored: dict) -> Any:
+    """No --key given: the columns of training, by name, of a table with a header (in any
+    column order); else the run's --key for a file of the kind it was trained on."""
+    by_name = _columns_key(source, stored.get("columns"))
+    if by_name is not None:
+        if args.data is not None and by_name != _table_columns(source):
+            _say(args, f"reading the columns {by_name} of {source!r} by name, as in training")
+        return by_name
+    if key is None and stored.get("key") is not None and _same_kind_of_file(source, stored):
+        key = stored["key"]  # the same array / columns as in training, e.g. of a test file
+        _say(args, f"reading --key {key!r} of {source!r}, as in training (pass --key to change)")
+    return key
 
 
 def _cmd_likelihood(args: argparse.Namespace) -> int:
@@ -158,9 +179,8 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
     source, key = args.data, args.key
     if source is None:  # the training data, read the way `train` read it
         source, key = _recorded_data(args, stored, key)
-    elif key is None and stored.get("key") is not None and _same_kind_of_file(source, stored):
-        key = stored["key"]  # the same array / columns as in training, e.g. of a test file
-        _say(args, f"reading --key {key!r} of {source!r}, as in training (pass --key to change)")
+    if args.key is None:
+        key = _training_key(args, source, key, stored)
     # Images are resized to the training size unless --image-size says otherwise.
     image_size = args.image_size if args.image_size is not None else stored.get("image_size")
     x, _ = load_data(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from scoresde._stopping import TrainingInterrupted
+from scoresde.cli._columns import _recorded_columns
 from scoresde.cli._common import (
     NET_NAMES,
     PARAMETERIZATIONS,
@@ -309,6 +310,7 @@ def _new_run(args: argparse.Namespace, ckpt_dir: Path, device: Any) -> tuple[Any
     data_args = {
         "data": _recorded_source(args.data),  # absolute: --resume may run in another folder
         "key": args.key,
+        "columns": _recorded_columns(args.data, args.key),  # a table's, read by name later
         "num_data": args.num_data,
         "image_size": args.image_size,
         "seed": args.seed,
