@@ -195,6 +195,17 @@ def test_every_sampler_runs(run_2d: Path, tmp_path: Path) -> None:
         assert x.shape == (50, 2) and np.isfinite(x).all(), name
 
 
+def test_rtol_is_refused_for_fixed_step_samplers(
+    run_2d: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--rtol was silently ignored by every sampler but adaptive (whose --steps is refused)."""
+    argv = ["sample", str(run_2d), "--sampler", "dpm", "--rtol", "1e-3", "--device", "cpu"]
+    assert _run([*argv, "--out", str(tmp_path / "s.npz")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--rtol is only used by --sampler adaptive, not dpm" in line
+    assert not (tmp_path / "s.npz").exists()
+
+
 def test_pc_sample_does_not_depend_on_batch_size(run_2d: Path, tmp_path: Path) -> None:
     """--sampler pc (Langevin corrector) used to take its step size from the batch, so
     --batch-size changed its samples; its reference particles make them the same."""
@@ -418,6 +429,7 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
         (["train", "no_such_set", "--steps", "1"], "no_such_set"),
         (["sample", "/no/such/checkpoint"], "does not exist"),
         (["likelihood", "/no/such/checkpoint"], "does not exist"),
+        (["likelihood", "x", "--data-range", "0", "1"], "--data-range is only used with"),
     ],
 )
 def test_runtime_errors_exit_1(

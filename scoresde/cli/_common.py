@@ -428,6 +428,8 @@ def _make_sampler(name: str, sde: Any, steps: int | None, rtol: float | None = N
         if steps is not None:
             raise ValueError("--steps is not used by --sampler adaptive; set --rtol instead")
         return cls(sde) if rtol is None else cls(sde, rtol=rtol)
+    if rtol is not None:  # silently ignored before; --steps with adaptive is refused too
+        raise ValueError(f"--rtol is only used by --sampler adaptive, not {name}; set --steps")
     n = DEFAULT_STEPS.get(name) if steps is None else steps
     return cls(sde, num_steps=n)
 

@@ -166,6 +166,8 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
     from scoresde.likelihood import dequantization_offset
 
     device = _setup_torch(args)
+    if args.data_range is not None and args.num_bins is None:  # was silently ignored
+        raise ValueError("--data-range is only used with --num-bins (discrete data)")
     per_point = None if args.per_point is None else Path(args.per_point)
     if per_point is not None:  # before any work, as `sample --out`: np.savez adds .npz
         if per_point.suffix != ".npz":

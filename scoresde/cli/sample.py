@@ -51,7 +51,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=None,
         help="solver steps (default: pc/em 500, ode 100, ddim/edm 50, dpm 20)",
     )
-    p.add_argument("--rtol", type=_positive_float, default=None, help="adaptive tolerance")
+    p.add_argument(
+        "--rtol",
+        type=_positive_float,
+        default=None,
+        help="tolerance of --sampler adaptive (refused for the others)",
+    )
     p.add_argument(
         "--num-samples",
         "--num",  # the old name; torchrun takes a bare --num for its own --numa-binding
