@@ -83,6 +83,7 @@ def repl(m):
         "ems_v3",
         "ems_keep",
         "adaptive_path",
+        "pc_corrector",
     ):
         lines = (R / f"{key}.md").read_text().splitlines()[1:]  # the page has its title
         body = "\n".join(ln for ln in lines if not ln.startswith("Command:"))
