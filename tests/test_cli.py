@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli_helpers import run_cli
 
 from scoresde.cli import build_parser, main
 from scoresde.samplers import SAMPLERS
@@ -25,12 +26,7 @@ def _is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 2000
 
 
-def _run(args: list[str]) -> int:
-    """main(args) as the console script would run it: SystemExit codes are returned too."""
-    try:
-        return main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+_run = run_cli
 
 
 def _one_error_line(err: str) -> str:

@@ -11,19 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli_helpers import SMALL, run_cli
 
 from scoresde._atomic import atomic_write
-from scoresde.cli import main
 
-SMALL = ["--hidden", "16", "--blocks", "1", "--batch-size", "32", "--quiet", "--device", "cpu"]
 DEMO = ["demo", "--quick", "--num", "50", "--train-steps", "5", "--quiet", "--device", "cpu"]
 
 
-def _run(args: list[str]) -> int:
-    try:
-        return main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+_run = run_cli
 
 
 def _mode(path: Path) -> int:

@@ -11,20 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli_helpers import SMALL, run_cli
 
-from scoresde.cli import main
 from scoresde.data import load_data
 from scoresde.training import read_checkpoint
 
-SMALL = ["--hidden", "16", "--blocks", "1", "--batch-size", "32", "--quiet", "--device", "cpu"]
 OFFSET = 1.7e9  # seconds since 1970: float32 steps of 128 here
 
 
-def _run(args: list[str]) -> int:
-    try:
-        return main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+_run = run_cli
 
 
 def _table(path: Path, offset: float) -> np.ndarray:

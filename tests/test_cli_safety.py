@@ -8,18 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import SMALL, run_cli
 
-from scoresde.cli import main
 from scoresde.training import read_checkpoint
 
-SMALL = ["--hidden", "16", "--blocks", "1", "--batch-size", "32", "--quiet", "--device", "cpu"]
-
-
-def _run(args: list[str]) -> int:
-    try:
-        return main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+_run = run_cli
 
 
 def _error(capsys: pytest.CaptureFixture[str]) -> str:
