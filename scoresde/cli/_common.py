@@ -389,7 +389,7 @@ def _per_batch(nfe: int, batches: int) -> str:
     """The NFE of one batch of `batches` that made `nfe` score calls in all: exact for
     fixed steps, the mean for adaptive solvers (whose batches differ)."""
     mean = nfe / max(batches, 1)
-    return f"{mean:.0f}" if mean == int(mean) else f"{mean:.1f} (mean per batch)"
+    return f"{mean:.0f}" if mean == int(mean) else f"{mean:.1f}"
 
 
 def _plot_samples(samples: Any, path: Path, title: str, scaler: Any = None) -> Path | None:

@@ -154,7 +154,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     # NFE per sample path (one batch's score calls), not summed over the batches: the
     # figure that compares solvers, whatever --batch-size.
     batches = len(range(info.rank, math.ceil(args.num / args.batch_size), info.world_size))
-    calls = f" ({nfe} score calls over {batches} batches)" if batches > 1 else ""
+    calls = f" per batch ({nfe} score calls over {batches} batches)" if batches > 1 else ""
     _say(
         args,
         f"{args.num} samples of shape {list(data_shape)} with {type(sampler).__name__}: "
