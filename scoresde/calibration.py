@@ -520,7 +520,7 @@ def calibrated_sampler(model: Any, sampler: Any) -> tuple[Any, Calibration | Non
 
 def save_calibrations(path: str | Path, calibrations: Any) -> None:
     """Write a list of `Calibration`s as JSON (floats round-trip exactly)."""
-    from scoresde.pretrained import _atomic_write
+    from scoresde._atomic import atomic_write
 
     data = {
         "format": FORMAT,
@@ -529,7 +529,7 @@ def save_calibrations(path: str | Path, calibrations: Any) -> None:
     }
     text = json.dumps(data, indent=1, allow_nan=False) + "\n"
     file = Path(path)
-    _atomic_write(file, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(file, lambda tmp: Path(tmp).write_text(text))
 
 
 def load_calibrations(path: str | Path) -> list[Calibration]:

@@ -48,12 +48,6 @@ def is_pretrained_dir(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """write(tmp_path) then fsync + os.replace, so a crash never leaves a half-written file
-    (`scoresde._atomic.atomic_write`: the file gets the mode a plain open() gives)."""
-    atomic_write(path, write)
-
-
 def _scaler_to_json(scaler: DataScaler | None) -> dict[str, Any] | None:
     if scaler is None:
         return None
@@ -111,10 +105,10 @@ def save_pretrained(
         raise ValueError(f"path must be a folder, got the file {str(folder)!r}")
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, allow_nan=False) + "\n"
-    _atomic_write(
+    atomic_write(
         folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT})
     )
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     _save_calibrations(model, folder)
     return folder
 
