@@ -122,25 +122,32 @@ def _load_npz(path: Path, key: str | None, labels_key: str | None) -> tuple[Any,
         return f[key], (None if labels_key is None else f[labels_key])
 
 
-def _run_folders(folder: Path) -> list[Path]:
-    """Folders under `folder` that hold a scoresde run (`latest.pt`) or an exported model
-    (`config.json` + `model.safetensors`): their plots are not data (a --ckpt-dir inside the
-    image folder would otherwise feed the run's own loss.png and samples back as images)."""
-    marks = [p.parent for p in folder.rglob("latest.pt")]
-    exported = folder.rglob("model.safetensors")
-    marks += [p.parent for p in exported if (p.parent / "config.json").is_file()]
-    return [m for m in marks if m != folder]
+def _image_files(folder: Path) -> list[Path]:
+    """The image files under `folder` (one walk), sorted, leaving out sub-folders that hold a
+    scoresde run (`latest.pt`) or an exported model (config + weights): their plots are not
+    data (a --ckpt-dir inside the image folder would otherwise feed the run's own loss.png
+    and samples back as images)."""
+    from scoresde.checkpoints import LATEST  # imported here: checkpoints imports this module
+    from scoresde.pretrained import CONFIG_NAME, WEIGHTS_NAME
+
+    found = list(folder.rglob("*"))
+    runs = {
+        p.parent
+        for p in found
+        if p.name == LATEST or (p.name == WEIGHTS_NAME and (p.parent / CONFIG_NAME).is_file())
+    }
+    runs.discard(folder)
+    return sorted(
+        p
+        for p in found
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(r in p.parents for r in runs)
+    )
 
 
 def _load_images(folder: Path, image_size: int | tuple[int, int] | None, mode: str | None):
     from PIL import Image  # pillow comes with matplotlib
 
-    runs = _run_folders(folder)
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(r in p.parents for r in runs)
-    )
+    files = _image_files(folder)
     if not files:
         raise ValueError(
             f"the folder {folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
