@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -326,6 +327,12 @@ def _say(args: argparse.Namespace, text: str) -> None:
     """A status line on stdout (only from rank 0 under torchrun)."""
     if os.environ.get("RANK", "0") == "0":
         print(text, flush=True)
+
+
+def _warn(text: str) -> None:
+    """A `scoresde: warning: ...` line on stderr (only from rank 0 under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)
 
 
 def _max_pairwise_distance(x: Any, limit: int = 1000) -> float:

@@ -4,13 +4,11 @@ ignores (the model, scaler and optimiser settings are the run's stored ones)."""
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from scoresde.cli._columns import _columns_key, _recorded_columns
-from scoresde.cli._common import PROG, _load_training_data, _say
+from scoresde.cli._common import _load_training_data, _say, _warn
 
 # The data options a resumed run takes from the command line when given (else the stored
 # ones); DATA itself is the positional `data`, None when not given.
@@ -134,10 +132,5 @@ def _warn_ignored(args: argparse.Namespace, stored: dict[str, Any]) -> None:
         option = "--" + dest.replace("_", "-")
         typed = option if value is True else f"{option} {_shown(value)}"
         ignored.append(f"{typed} (the run's: {_shown(was)})")
-    if ignored and os.environ.get("RANK", "0") == "0":
-        print(
-            f"{PROG}: warning: --resume keeps the run's stored settings; ignoring "
-            + ", ".join(ignored),
-            file=sys.stderr,
-            flush=True,
-        )
+    if ignored:
+        _warn("--resume keeps the run's stored settings; ignoring " + ", ".join(ignored))

@@ -33,6 +33,7 @@ from scoresde.cli._common import (
     _say,
     _setup_torch,
     _to_data_units,
+    _warn,
 )
 from scoresde.cli._resume import _recorded_source, _resumed_run
 
@@ -252,18 +253,13 @@ def _periodic_plot(ckpt_dir: Path, data_shape: Sequence[int], scaler: Any, seed:
 def _warn_far_from_unit_scale(x: Any, sde: str) -> None:
     """--scaling none on data far from unit scale: the VP-type SDEs end in N(0, I) and their
     schedules assume data of about unit size, so training gives samples of the wrong scale."""
-    import os
-    import sys
-
     size = float(x.abs().amax())
     spread = float(x.std())
-    if (size > 20 or spread < 0.02) and os.environ.get("RANK", "0") == "0":
-        print(
-            f"scoresde: warning: --scaling none with data of largest |value| {size:.3g} and std "
-            f"{spread:.3g}: the {sde} SDE assumes data of about unit scale (its prior is "
-            "N(0, I)); use --scaling auto, or --sde ve",
-            file=sys.stderr,
-            flush=True,
+    if size > 20 or spread < 0.02:
+        _warn(
+            f"--scaling none with data of largest |value| {size:.3g} and std {spread:.3g}: "
+            f"the {sde} SDE assumes data of about unit scale (its prior is N(0, I)); use "
+            "--scaling auto, or --sde ve"
         )
 
 
