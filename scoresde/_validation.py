@@ -288,8 +288,6 @@ def check_time(t: Any, T: float, name: str = "t") -> None:
     else:
         return  # a type error is broadcast_time's / as_tensor's to report
     upper = T + T * max(1e-6, 4 * eps)
-    if math.isnan(lo) or math.isnan(hi):
-        raise ValueError(f"{name} must be in [0, T] = [0, {T:g}], got {name}=nan")
-    if lo < 0.0 or hi > upper:
-        bad = lo if lo < 0.0 else hi
+    if not (lo >= 0.0 and hi <= upper):  # a NaN fails both comparisons
+        bad = hi if lo >= 0.0 else lo
         raise ValueError(f"{name} must be in [0, T] = [0, {T:g}], got {name}={bad!r}")
